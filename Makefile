@@ -1,0 +1,40 @@
+# Two entry points (see README.md): `make lab` opens the course, `make test` runs the whole test suite.
+# Both create .venv inside the checkout and install the course into it; a second run reinstalls
+# nothing unless pyproject.toml changed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: lab test setup notebooks check-notebooks solutions grade-example clean
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=notebooks
+
+test: $(STAMP)
+	COURSE_FAST=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+setup: $(STAMP)
+
+$(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "Python >= 3.10 is needed; set PYTHON=python3.11 or similar")'
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --upgrade pip setuptools wheel
+	$(PY) -m pip install -e '.[test]'
+	touch $(STAMP)
+
+# Maintainers: regenerate notebooks/ from solutions/, or re-run the solutions to refresh their outputs.
+notebooks: $(STAMP)
+	$(PY) -m course_utils.build
+
+check-notebooks: $(STAMP)
+	$(PY) -m course_utils.build --check
+
+solutions: $(STAMP)
+	$(PY) -m course_utils.build --execute
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,245 @@
+"""Exercises of 00_orientation: tensor shapes with einops, and forward hooks."""
+from __future__ import annotations
+
+import torch
+from einops import rearrange, reduce
+from torch import nn
+
+from course_utils.checks import Case, exercise, mistake
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --- 1. flatten -------------------------------------------------------------------------------
+def _flatten_cases() -> list[Case]:
+    g = _gen(1)
+    return [
+        Case("batch of 4 RGB 8x8 images", (torch.randn(4, 3, 8, 8, generator=g),)),
+        Case("one grey 5x7 image", (torch.randn(1, 1, 5, 7, generator=g),)),
+        Case("2 images, 3 channels, 2x4", (torch.arange(48.0).reshape(2, 3, 2, 4),)),
+    ]
+
+
+@exercise("orientation.flatten_images", title="Flatten images into vectors with rearrange",
+          cases=_flatten_cases,
+          hint="Use rearrange(images, 'b c h w -> b (c h w)'): the grouping (c h w) keeps channel-major order, "
+               "as .reshape(b, -1) does.")
+def flatten_images(images: torch.Tensor) -> torch.Tensor:
+    """images: [b, c, h, w] -> [b, c*h*w], channel-major (the order `.reshape(b, -1)` gives)."""
+    return rearrange(images, "b c h w -> b (c h w)")
+
+
+@mistake("orientation.flatten_images", "channels last in the flattened order",
+         "The order inside the parentheses matters: (h w c) puts channels last. Write (c h w).")
+def _flatten_channels_last(images: torch.Tensor) -> torch.Tensor:
+    return rearrange(images, "b c h w -> b (h w c)")
+
+
+@mistake("orientation.flatten_images", "the batch dimension was flattened too",
+         "Keep the batch axis separate: 'b c h w -> b (c h w)', not '-> (b c h w)'.")
+def _flatten_everything(images: torch.Tensor) -> torch.Tensor:
+    return rearrange(images, "b c h w -> (b c h w)")
+
+
+# --- 2. per-channel mean ----------------------------------------------------------------------
+def _channel_cases() -> list[Case]:
+    g = _gen(2)
+    return [
+        Case("batch of 4 RGB 8x8 images", (torch.rand(4, 3, 8, 8, generator=g),)),
+        Case("a single 1x1 pixel", (torch.rand(1, 3, 1, 1, generator=g),)),
+        Case("5 images with 2 channels", (torch.rand(5, 2, 3, 6, generator=g) * 255,)),
+    ]
+
+
+@exercise("orientation.channel_means", title="Per-channel mean with reduce", cases=_channel_cases,
+          hint="reduce(images, 'b c h w -> c', 'mean') averages over every axis that the output pattern drops.")
+def channel_means(images: torch.Tensor) -> torch.Tensor:
+    """images: [b, c, h, w] -> [c], the mean of each channel over the batch and all pixels."""
+    return reduce(images, "b c h w -> c", "mean")
+
+
+@mistake("orientation.channel_means", "averaged over the batch only",
+         "Drop h and w from the output too: the pattern is 'b c h w -> c'.")
+def _channel_means_batch_only(images: torch.Tensor) -> torch.Tensor:
+    return reduce(images, "b c h w -> c h w", "mean")
+
+
+@mistake("orientation.channel_means", "summed instead of averaged",
+         "The reduction should be 'mean', not 'sum'.")
+def _channel_means_sum(images: torch.Tensor) -> torch.Tensor:
+    return reduce(images, "b c h w -> c", "sum")
+
+
+@mistake("orientation.channel_means", "one mean over everything",
+         "Keep the channel axis: 'b c h w -> c', not '-> ()'.")
+def _channel_means_scalar(images: torch.Tensor) -> torch.Tensor:
+    return images.mean()
+
+
+# --- 3. image grid ----------------------------------------------------------------------------
+def _grid_cases() -> list[Case]:
+    g = _gen(3)
+    return [
+        Case("6 images in 2 rows", (torch.rand(6, 3, 4, 5, generator=g), 2)),
+        Case("4 images in 1 row", (torch.rand(4, 1, 3, 3, generator=g), 1)),
+        Case("6 images in 3 rows", (torch.arange(6 * 2 * 2.0).reshape(6, 1, 2, 2), 3)),
+    ]
+
+
+@exercise("orientation.image_grid", title="Tile a batch into a grid with rearrange", cases=_grid_cases,
+          hint="Split the batch into (rows cols) and put each next to its image axis: "
+               "'(gh gw) c h w -> c (gh h) (gw w)' with gh=rows.")
+def image_grid(images: torch.Tensor, rows: int) -> torch.Tensor:
+    """images: [rows*cols, c, h, w] -> [c, rows*h, cols*w], filled row by row."""
+    return rearrange(images, "(gh gw) c h w -> c (gh h) (gw w)", gh=rows)
+
+
+@mistake("orientation.image_grid", "pixels interleaved between images",
+         "(h gh) interleaves rows of different images; the grid index goes first: (gh h) and (gw w).")
+def _grid_interleaved(images: torch.Tensor, rows: int) -> torch.Tensor:
+    return rearrange(images, "(gh gw) c h w -> c (h gh) (w gw)", gh=rows)
+
+
+@mistake("orientation.image_grid", "filled column by column",
+         "The batch index is (gh gw): row-major. Writing (gw gh) fills the grid column by column.")
+def _grid_column_major(images: torch.Tensor, rows: int) -> torch.Tensor:
+    return rearrange(images, "(gw gh) c h w -> c (gh h) (gw w)", gh=rows)
+
+
+# --- 4. attention scores ----------------------------------------------------------------------
+def _score_cases() -> list[Case]:
+    g = _gen(4)
+    return [
+        Case("batch 2, 5 queries, 7 keys, d=4", (torch.randn(2, 5, 4, generator=g), torch.randn(2, 7, 4, generator=g))),
+        Case("one query, one key, d=1", (torch.randn(1, 1, 1, generator=g), torch.randn(1, 1, 1, generator=g))),
+        Case("batch 3, 4 queries, 4 keys, d=16", (torch.randn(3, 4, 16, generator=g), torch.randn(3, 4, 16, generator=g))),
+    ]
+
+
+@exercise("orientation.attention_scores", title="Scaled dot-product scores with einsum", cases=_score_cases,
+          hint="einsum('b q d, b k d -> b q k', q, k) / d ** 0.5: contract the shared d, keep b, q and k.")
+def attention_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q: [b, n_q, d], k: [b, n_k, d] -> [b, n_q, n_k], each dot product divided by sqrt(d)."""
+    from einops import einsum
+
+    return einsum(q, k, "b q d, b k d -> b q k") / q.shape[-1] ** 0.5
+
+
+@mistake("orientation.attention_scores", "the 1/sqrt(d) scale is missing",
+         "Divide the dot products by sqrt(d), where d = q.shape[-1].")
+def _scores_unscaled(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("bqd,bkd->bqk", q, k)
+
+
+@mistake("orientation.attention_scores", "divided by d instead of sqrt(d)",
+         "The scale is 1/sqrt(d), not 1/d.")
+def _scores_over_d(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("bqd,bkd->bqk", q, k) / q.shape[-1]
+
+
+@mistake("orientation.attention_scores", "keys first, queries second",
+         "The output is [b, n_q, n_k]: queries index the rows. Swap the output pattern to 'b q k'.")
+def _scores_transposed(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("bqd,bkd->bkq", q, k) / q.shape[-1] ** 0.5
+
+
+# --- 5. forward hooks -------------------------------------------------------------------------
+def tiny_cnn(seed: int = 0) -> nn.Sequential:
+    """A small CNN with named layers, for the hook exercise: input [b, 3, 8, 8] -> logits [b, 4]."""
+    torch.manual_seed(seed)
+    return _named_cnn()
+
+
+def _named_cnn() -> nn.Sequential:
+    from collections import OrderedDict
+
+    return nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(3, 8, 3, padding=1)), ("relu1", nn.ReLU()),
+        ("conv2", nn.Conv2d(8, 8, 3, padding=1)), ("relu2", nn.ReLU()),
+        ("pool", nn.AdaptiveAvgPool2d(1)), ("flat", nn.Flatten()), ("fc", nn.Linear(8, 4)),
+    ])).eval()
+
+
+def _hook_cases() -> list[Case]:
+    x = torch.randn(2, 3, 8, 8, generator=_gen(5))
+    return [
+        Case("two layers of a small CNN", (tiny_cnn(0), ["relu1", "fc"], x)),
+        Case("one layer", (tiny_cnn(1), ["conv2"], x[:1])),
+        Case("three layers, batch of 2", (tiny_cnn(2), ["conv1", "pool", "relu2"], x)),
+    ]
+
+
+def _no_hooks_left(answer, **_: object) -> str | None:
+    model = tiny_cnn(3)
+    answer(model, ["relu1", "conv2"], torch.randn(1, 3, 8, 8, generator=_gen(6)))
+    left = [n for n, m in model.named_modules() if m._forward_hooks]
+    if left:
+        return (f"hooks are still registered on {left} after your function returned; keep the handle that "
+                f"register_forward_hook returns and call handle.remove() (in a finally: block)")
+    return None
+
+
+@exercise("orientation.capture_activations", title="Capture activations with forward hooks",
+          cases=_hook_cases, validate=_no_hooks_left,
+          hint="For each name, register_forward_hook on dict(model.named_modules())[name] with a hook "
+               "(module, inputs, output) that stores output.detach(); run model(x); remove every handle.")
+def capture_activations(model: nn.Module, layer_names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run `model(x)` once and return {name: that module's output} for every name in `layer_names`.
+
+    No hook may stay registered afterwards.
+    """
+    modules = dict(model.named_modules())
+    acts: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in layer_names:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor, name: str = name) -> None:
+            acts[name] = output.detach()
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return acts
+
+
+@mistake("orientation.capture_activations", "stored the module's input instead of its output",
+         "A forward hook receives (module, inputs, output): store `output`, not `inputs[0]`.")
+def _capture_inputs(model, layer_names, x):
+    modules = dict(model.named_modules())
+    acts, handles = {}, []
+    for name in layer_names:
+        handles.append(modules[name].register_forward_hook(
+            lambda m, i, o, name=name: acts.__setitem__(name, i[0].detach())))
+    model(x)
+    for h in handles:
+        h.remove()
+    return acts
+
+
+@mistake("orientation.capture_activations", "hooks left registered",
+         "Keep the handles that register_forward_hook returns and remove them after the forward pass.")
+def _capture_leaky(model, layer_names, x):
+    modules = dict(model.named_modules())
+    acts = {}
+    for name in layer_names:
+        modules[name].register_forward_hook(lambda m, i, o, name=name: acts.__setitem__(name, o.detach()))
+    model(x)
+    return acts
+
+
+@mistake("orientation.capture_activations", "every hook writes to the same name (late-binding closure)",
+         "A lambda or inner function defined in a loop sees the loop variable's LAST value. Bind it as a "
+         "default argument: def hook(m, i, o, name=name).")
+def _capture_late_binding(model, layer_names, x):
+    modules = dict(model.named_modules())
+    acts, handles = {}, []
+    for name in layer_names:
+        handles.append(modules[name].register_forward_hook(lambda m, i, o: acts.__setitem__(name, o.detach())))
+    model(x)
+    for h in handles:
+        h.remove()
+    return acts

@@ -1,0 +1,33 @@
+"""Shared test set-up: fast mode always, and a skip-with-reason for tests that need offline assets."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("COURSE_FAST", "1")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def asset_or_skip(key: str) -> Path:
+    """The offline asset `key` under COURSE_DATA_DIR, or skip the test saying how to provide it."""
+    data = os.environ.get("COURSE_DATA_DIR")
+    if not data:
+        pytest.skip(f"needs the offline asset {key}: set COURSE_DATA_DIR (CI points it at ../shared/assets)")
+    path = Path(data) / key
+    if not path.exists():
+        pytest.skip(f"needs the offline asset {path}; run `python -m course_utils.assets fetch`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+# Under pytest-xdist the two workers share two cores: one thread per notebook kernel avoids
+# oversubscription (kernels inherit this environment).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
