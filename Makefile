@@ -13,7 +13,7 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=notebooks
 
 test: $(STAMP)
-	COURSE_FAST=1 $(PY) -m pytest $(PYTEST_ARGS)
+	COURSE_FAST=1 $(PY) -m pytest -n 2 --dist loadscope $(PYTEST_ARGS)
 
 setup: $(STAMP)
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("COURSE_FAST", "1")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -25,9 +24,3 @@ def asset_or_skip(key: str) -> Path:
 def root() -> Path:
     return ROOT
 
-
-# Under pytest-xdist the two workers share two cores: one thread per notebook kernel avoids
-# oversubscription (kernels inherit this environment).
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("MKL_NUM_THREADS", "1")

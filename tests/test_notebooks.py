@@ -18,29 +18,31 @@ SOLUTIONS = sorted((ROOT / "solutions").glob("*.ipynb"))
 LEARNER = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
-def _group(path: Path):
-    return pytest.param(path, id=path.stem, marks=pytest.mark.xdist_group(path.stem))
-
-
 def test_there_is_a_learner_notebook_per_solution():
     assert [p.name for p in SOLUTIONS] == [p.name for p in LEARNER]
     assert SOLUTIONS[0].name == "00_orientation.ipynb"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", [_group(p) for p in SOLUTIONS])
-def test_solution_gets_full_marks(path):
-    report = grade_notebook(path)
+def _solution_gets_full_marks(self):
+    report = grade_notebook(ROOT / "solutions" / self.notebook)
     assert report.passed and report.score == report.max_score > 0, format_table([report])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("path", [_group(p) for p in LEARNER])
-def test_learner_notebook_gets_zero(path):
-    report = grade_notebook(path)
+def _learner_notebook_gets_zero(self):
+    report = grade_notebook(ROOT / "notebooks" / self.notebook)
     assert report.score == 0 and report.exercises, format_table([report])
     bad = [(e.name, e.status, e.reason) for e in report.exercises if e.status not in ("not done", "not reached")]
     assert not bad, f"a stub should read as 'not done', not crash the notebook: {bad}"
+
+
+# One class per notebook, so that `--dist loadscope` spreads notebooks over the xdist workers.
+for _path in SOLUTIONS:
+    _name = "TestNotebook_" + _path.stem
+    globals()[_name] = pytest.mark.slow(type(_name, (), {
+        "notebook": _path.name,
+        "test_solution_gets_full_marks": _solution_gets_full_marks,
+        "test_learner_notebook_gets_zero": _learner_notebook_gets_zero,
+    }))
 
 
 def test_orientation_cli_exit_codes():

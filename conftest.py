@@ -1,0 +1,15 @@
+"""Root pytest set-up, shared by tests/ and the nbval run over solutions/.
+
+- Fast mode is on for the whole suite.
+- `make test` runs pytest-xdist with `--dist loadscope`: every cell of a notebook (they share one
+  kernel) and every test class stays in one worker; tests/test_notebooks.py makes a class per notebook.
+- The two workers share two cores, so each process and kernel gets one thread.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("COURSE_FAST", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
