@@ -248,9 +248,10 @@ def _diagnose_tensor(expected: Any, actual: Any, rtol: float, atol: float, what:
                 f"{_index(i, e.shape)} (a division by zero, or log of 0?)")
     if e.size == 0:
         return None
-    err = np.abs(a64 - e64)
-    err[np.isnan(e64) & np.isnan(a64)] = 0.0
-    tol = atol + rtol * np.abs(e64)
+    both_nan = np.isnan(e64) & np.isnan(a64)
+    one_nan = np.isnan(e64) ^ np.isnan(a64)
+    err = np.where(both_nan, 0.0, np.where(one_nan, np.inf, np.abs(a64 - e64)))
+    tol = np.where(both_nan | one_nan, 0.0, atol + rtol * np.abs(e64))
     if np.all(err <= tol):
         return None
     i = int(np.nanargmax(err - tol))

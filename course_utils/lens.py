@@ -1,0 +1,616 @@
+"""The logit lens and the tuned lens: read a language model's residual stream layer by layer.
+
+Conventions, used everywhere in this module and in notebook 02:
+
+- A model has `L = parts.n_layers` blocks. The **residual stream** is `h_0, ..., h_L`: `h_0` is
+  the embedding (GPT-2: plus positions), `h_l` the output of block `l` (1-based). Stacked, it is
+  `residuals: [L+1, B, T, d]` (`residual_stream`). `h_l` equals Hugging Face's
+  `output_hidden_states[l]` for `l < L`; HF's last entry is `final_norm(h_L)`, not `h_L`.
+- The **logit lens** (nostalgebraist 2020) decodes every layer as if it were the last:
+  `logits_l = W_U · final_norm(h_l)`, the norm recomputed on `h_l` itself. At `l = L` it is the
+  model's own output.
+- The **tuned lens** (Belrose et al. 2023) first applies a learned affine translator per layer,
+  `h -> h + A_l h + b_l`, zero-initialised so that training starts from the logit lens.
+- Statistics over tokens are per position `[L+1, N]` (flattened `B*T`), reduced by the caller.
+  KL is `KL(p_L || p_l)`: how many nats the layer-l read-out loses against the model's output.
+
+The fused read-out `lens_stats(normed, W_U, targets=...)` returns entropy, top-k, KL to the last
+layer, the target's log-probability and rank for every layer and token, streaming over token
+and vocabulary chunks so that the `[L+1, N, V]` logits never exist at once.
+`lens_stats_reference` is the plain-PyTorch implementation; `lens_stats` dispatches to a
+registered backend (`register_lens_stats_backend`, e.g. a Triton kernel on GPU) or to it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from course_utils.models import LMParts, block_output, lm_parts
+
+__all__ = [
+    "residual_stream",
+    "collect_residuals",
+    "rms_norm_decode",
+    "cached_scale_norm",
+    "kl_to_final",
+    "cross_entropy_per_layer",
+    "target_rank",
+    "unigram_logprobs",
+    "rock_cross_entropy",
+    "LensStats",
+    "lens_stats",
+    "lens_stats_reference",
+    "register_lens_stats_backend",
+    "LogitLens",
+    "TunedLens",
+    "FitLog",
+    "translate",
+    "repeated_random_tokens",
+    "attention_patterns",
+    "induction_score",
+    "induction_scores",
+    "rank_bucket",
+]
+
+
+def _parts(model_or_parts: nn.Module | LMParts) -> LMParts:
+    return model_or_parts if isinstance(model_or_parts, LMParts) else lm_parts(model_or_parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. The residual stream
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def residual_stream(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Run `model` once on `ids: [B, T]`; return the residual stream `[L+1, B, T, d]`.
+
+    Entry 0 is the embedding (`parts.embed_fn(ids)`), entry `l` the output of block `l`, caught
+    with a forward hook. Every hook is removed before returning, even on error.
+    """
+    parts = _parts(model)
+    caught: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, i, o: caught.append(block_output(o).detach()))
+             for b in parts.blocks]
+    try:
+        parts.model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack([parts.embed_fn(ids), *caught])
+
+
+@torch.no_grad()
+def collect_residuals(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
+                      skip_first: int = 1, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residuals of many token windows, flattened over tokens, for lens statistics and training.
+
+    windows: `[n, T]` token ids. Returns `(residuals [L+1, N, d], next_ids [N])`, where the tokens
+    are every position `skip_first <= t < T-1` of every window (so each has a next token), and
+    `next_ids` the token that follows each. `skip_first=1` drops position 0: there the model parks
+    its "attention sink", a residual with entries in the tens of thousands that no lens reads.
+    """
+    if windows.dim() != 2 or windows.shape[1] < skip_first + 2:
+        raise ValueError(f"windows must be [n, T] with T >= {skip_first + 2}, got {tuple(windows.shape)}")
+    chunks, nexts = [], []
+    for start in tqdm(range(0, len(windows), batch_size), desc="residuals", disable=not progress):
+        ids = windows[start : start + batch_size]
+        res = residual_stream(model, ids.to(_device(model)))[:, :, skip_first:-1]
+        chunks.append(res.flatten(1, 2).cpu())
+        nexts.append(ids[:, skip_first + 1 :].reshape(-1))
+    return torch.cat(chunks, 1), torch.cat(nexts)
+
+
+def _device(model: nn.Module | LMParts) -> torch.device:
+    return _parts(model).unembed.weight.device
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Decoding a layer
+# ----------------------------------------------------------------------------------------------
+def rms_norm_decode(residuals: torch.Tensor, gamma: torch.Tensor, W_U: torch.Tensor, eps: float) -> torch.Tensor:
+    """The logit lens under RMSNorm, written out: `W_U (gamma * h / sqrt(mean(h^2) + eps))`.
+
+    residuals: `[..., d]` (e.g. `[L+1, T, d]`), gamma: `[d]`, W_U: `[V, d]` -> logits `[..., V]`.
+    The scale is recomputed on each vector itself.
+    """
+    scale = torch.rsqrt(residuals.pow(2).mean(-1, keepdim=True) + eps)
+    return (residuals * scale * gamma) @ W_U.T
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    return float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-5)))
+
+
+def cached_scale_norm(norm: nn.Module, residuals: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The pitfall (TransformerLens #1076): normalise `residuals` with the SCALE of `reference`.
+
+    residuals: `[L+1, ..., d]`, reference: `[..., d]` (usually `h_L`, the one the model normalised).
+    RMSNorm: `gamma * h_l / rms(h_L)`. LayerNorm: `gamma * (h_l - mean(h_l)) / std(h_L) + beta`
+    (centring is linear, so it stays per layer; only the scale is cached). Under RMSNorm this is a
+    positive multiple of the right answer per token; under LayerNorm the bias is not scaled along.
+    """
+    eps = _norm_eps(norm)
+    if isinstance(norm, nn.LayerNorm):
+        ref_std = torch.sqrt(reference.var(-1, unbiased=False, keepdim=True) + eps)
+        centred = residuals - residuals.mean(-1, keepdim=True)
+        out = centred / ref_std * norm.weight
+        return out + norm.bias if norm.bias is not None else out
+    ref_rms = torch.sqrt(reference.pow(2).mean(-1, keepdim=True) + eps)
+    return residuals / ref_rms * norm.weight
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Per-layer statistics on full logits (small inputs; the fused version is below)
+# ----------------------------------------------------------------------------------------------
+def kl_to_final(logits: torch.Tensor) -> torch.Tensor:
+    """`KL(p_L || p_l)` per layer and token. logits: `[L+1, ..., V]` -> `[L+1, ...]` (nats)."""
+    logp = logits.float().log_softmax(-1)
+    final = logp[-1]
+    return (final.exp() * (final - logp)).sum(-1)
+
+
+def cross_entropy_per_layer(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of each layer's read-out, in nats.
+
+    logits: `[L+1, T, V]` (position t predicts token t+1), ids: `[T]` -> `[L+1]`, the mean over
+    the `T-1` positions that have a next token.
+    """
+    logp = logits[:, :-1].float().log_softmax(-1)
+    nxt = ids[1:].expand(logp.shape[0], -1)
+    return -logp.gather(-1, nxt[..., None])[..., 0].mean(-1)
+
+
+def target_rank(logits: torch.Tensor, target: torch.Tensor | int) -> torch.Tensor:
+    """How many tokens score strictly higher than `target` (0 = top-1). logits `[..., V]` -> `[...]` int64."""
+    t = torch.as_tensor(target, device=logits.device).expand(logits.shape[:-1])
+    own = logits.gather(-1, t[..., None])
+    return (logits > own).sum(-1)
+
+
+def rank_bucket(rank: int) -> str:
+    """A coarse, run-to-run stable label for a rank: `"top-1"`, `"2-10"`, `"11-100"`, ... (rank 0 = top-1)."""
+    r = int(rank) + 1
+    if r == 1:
+        return "top-1"
+    hi = 10 ** math.ceil(math.log10(r))
+    return f"{hi // 10 + 1}-{hi}"
+
+
+def unigram_logprobs(ids: torch.Tensor, vocab_size: int, *, alpha: float = 0.1) -> torch.Tensor:
+    """The rock: a constant next-token distribution, token frequencies with add-`alpha` smoothing.
+
+    ids: any LongTensor of token ids (the text the rock is fitted on) -> log-probabilities `[V]`.
+    """
+    counts = torch.bincount(ids.reshape(-1).cpu(), minlength=vocab_size).double() + alpha
+    return (counts / counts.sum()).log().float()
+
+
+def rock_cross_entropy(rock_logprobs: torch.Tensor, ids: torch.Tensor) -> float:
+    """Cross-entropy (nats) of the constant model on the tokens `ids` (any shape)."""
+    return float(-rock_logprobs[ids.reshape(-1).cpu()].mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The fused read-out
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LensStats:
+    """Per-layer read-out statistics of `N` tokens (from `lens_stats`). All tensors on the CPU.
+
+    - `entropy [L+1, N]`: entropy of each layer's next-token distribution (nats).
+    - `topk_ids [L+1, N, k]`, `topk_probs [L+1, N, k]`: the k most likely tokens, best first.
+    - `kl_to_final [L+1, N]`: `KL(p_L || p_l)` (nats); zero at the last layer.
+    - `target_logprob [L+1, N]`, `target_rank [L+1, N]` (int64, 0 = top-1): only with `targets`.
+    """
+
+    entropy: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_probs: torch.Tensor
+    kl_to_final: torch.Tensor
+    target_logprob: torch.Tensor | None = None
+    target_rank: torch.Tensor | None = None
+
+    @property
+    def n_layers(self) -> int:
+        """`L+1`: the number of read-outs (embedding included)."""
+        return self.entropy.shape[0]
+
+    def mean_kl(self) -> torch.Tensor:
+        """`[L+1]`: the KL to the last layer, averaged over tokens."""
+        return self.kl_to_final.mean(1)
+
+    def cross_entropy(self) -> torch.Tensor:
+        """`[L+1]`: the mean next-token cross-entropy of each layer (needs `targets`)."""
+        if self.target_logprob is None:
+            raise ValueError("cross_entropy needs the targets: call lens_stats(..., targets=next_ids)")
+        return -self.target_logprob.mean(1)
+
+
+LensStatsFn = Callable[..., LensStats]
+_BACKENDS: dict[str, tuple[LensStatsFn, Callable[[torch.Tensor], bool]]] = {}
+
+
+def register_lens_stats_backend(name: str, fn: LensStatsFn,
+                                applies: Callable[[torch.Tensor], bool] = lambda x: x.is_cuda) -> None:
+    """Make `lens_stats` use `fn` (same signature as `lens_stats_reference`) when `applies(normed)`."""
+    _BACKENDS[name] = (fn, applies)
+
+
+def _check_stats_inputs(normed: torch.Tensor, W_U: torch.Tensor, targets: torch.Tensor | None, k: int) -> None:
+    if normed.dim() != 3:
+        raise ValueError(f"normed must be [L+1, N, d] (layers, tokens, width), got {tuple(normed.shape)}; "
+                         "flatten batch and positions first: x.flatten(1, -2)")
+    if W_U.dim() != 2 or W_U.shape[1] != normed.shape[-1]:
+        raise ValueError(f"W_U must be [V, d] with d = {normed.shape[-1]}, got {tuple(W_U.shape)}")
+    if targets is not None and tuple(targets.shape) != (normed.shape[1],):
+        raise ValueError(f"targets must be [N] = [{normed.shape[1]}], got {tuple(targets.shape)}")
+    if not 1 <= k <= W_U.shape[0]:
+        raise ValueError(f"k must be between 1 and the vocabulary size {W_U.shape[0]}, got {k}")
+
+
+@torch.no_grad()
+def lens_stats_reference(
+    normed: torch.Tensor,
+    W_U: torch.Tensor,
+    *,
+    targets: torch.Tensor | None = None,
+    k: int = 5,
+    token_chunk: int = 128,
+    vocab_chunk: int = 8192,
+) -> LensStats:
+    """Per-layer statistics of `logits = normed @ W_U.T`, streamed (plain PyTorch).
+
+    normed: `[L+1, N, d]`, the residuals AFTER the final norm (and, for a tuned lens, after the
+    translators); the last layer is the model's output. W_U: `[V, d]`. targets: `[N]` or None.
+
+    Memory is `O((L+1) * token_chunk * vocab_chunk)`: for each chunk of tokens, the vocabulary
+    is swept in chunks with an online log-sum-exp (as in flash attention), carrying per layer
+    and token the running max `m`, `s = sum e^(z-m)`, `sum e^(z-m) z` (entropy), for the last
+    layer `sum e^(z_L-m_L) (z_L - z_l)` (KL), the running top-k, and the count above the target.
+    """
+    _check_stats_inputs(normed, W_U, targets, k)
+    n_read, N, _ = normed.shape
+    V = W_U.shape[0]
+    dev = normed.device
+    out = {name: torch.empty(n_read, N, device=dev) for name in ("entropy", "kl", "tlp")}
+    top_ids = torch.empty(n_read, N, k, dtype=torch.long, device=dev)
+    top_p = torch.empty(n_read, N, k, device=dev)
+    ranks = torch.empty(n_read, N, dtype=torch.long, device=dev)
+    W = W_U.to(normed.dtype)
+    for t0 in range(0, N, token_chunk):
+        x = normed[:, t0 : t0 + token_chunk]  # [L+1, n, d]
+        n = x.shape[1]
+        m = torch.full((n_read, n), -math.inf, device=dev)
+        s = torch.zeros(n_read, n, device=dev)
+        sz = torch.zeros(n_read, n, device=dev)
+        cross = torch.zeros(n_read, n, device=dev)
+        tv = torch.full((n_read, n, k), -math.inf, device=dev)
+        ti = torch.zeros(n_read, n, k, dtype=torch.long, device=dev)
+        tgt = targets[t0 : t0 + n].to(dev) if targets is not None else None
+        if tgt is not None:  # the target's own logit, to count the tokens above it
+            z_t = (x * W[tgt]).sum(-1)
+            above = torch.zeros(n_read, n, dtype=torch.long, device=dev)
+        for v0 in range(0, V, vocab_chunk):
+            z = (x @ W[v0 : v0 + vocab_chunk].T).float()  # [L+1, n, c]
+            m_new = torch.maximum(m, z.amax(-1))
+            rescale = torch.exp(m - m_new)
+            e = torch.exp(z - m_new[..., None])
+            s = s * rescale + e.sum(-1)
+            sz = sz * rescale + (e * z).sum(-1)
+            cross = cross * rescale[-1] + (e[-1] * (z[-1] - z)).sum(-1)
+            m = m_new
+            cv, ci = z.topk(min(k, z.shape[-1]), -1)
+            tv, pick = torch.cat([tv, cv], -1).topk(k, -1)
+            ti = torch.cat([ti, ci + v0], -1).gather(-1, pick)
+            if tgt is not None:
+                gt = z > z_t[..., None]
+                inside = (tgt >= v0) & (tgt < v0 + z.shape[-1])
+                if inside.any():  # the target never counts itself, whatever the rounding
+                    cols = (tgt - v0).clamp(0, z.shape[-1] - 1)
+                    gt[:, inside, cols[inside]] = False
+                above += gt.sum(-1)
+        log_z = m + s.log()
+        sl = slice(t0, t0 + n)
+        out["entropy"][:, sl] = log_z - sz / s
+        out["kl"][:, sl] = (cross / s[-1] - log_z[-1] + log_z).clamp_min(0)
+        top_ids[:, sl], top_p[:, sl] = ti, torch.exp(tv - log_z[..., None])
+        if tgt is not None:
+            out["tlp"][:, sl] = z_t.float() - log_z
+            ranks[:, sl] = above
+    has_t = targets is not None
+    return LensStats(entropy=out["entropy"].cpu(), topk_ids=top_ids.cpu(), topk_probs=top_p.cpu(),
+                     kl_to_final=out["kl"].cpu(), target_logprob=out["tlp"].cpu() if has_t else None,
+                     target_rank=ranks.cpu() if has_t else None)
+
+
+def lens_stats(normed: torch.Tensor, W_U: torch.Tensor, *, targets: torch.Tensor | None = None,
+               k: int = 5, backend: str = "auto", **kwargs) -> LensStats:
+    """Per-layer read-out statistics (see `LensStats`) without materialising `[L+1, N, V]` logits.
+
+    normed: `[L+1, N, d]` (after the final norm), W_U: `[V, d]`, targets: `[N]` or None.
+    `backend="auto"` uses the first registered backend that applies to `normed` (e.g. a Triton
+    kernel for CUDA tensors) and falls back to `lens_stats_reference`; `"reference"` forces it.
+    """
+    if backend == "auto":
+        for fn, applies in _BACKENDS.values():
+            if applies(normed):
+                return fn(normed, W_U, targets=targets, k=k, **kwargs)
+        return lens_stats_reference(normed, W_U, targets=targets, k=k, **kwargs)
+    if backend == "reference":
+        return lens_stats_reference(normed, W_U, targets=targets, k=k, **kwargs)
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown lens_stats backend {backend!r}; registered: {['auto', 'reference', *_BACKENDS]}")
+    return _BACKENDS[backend][0](normed, W_U, targets=targets, k=k, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The lenses
+# ----------------------------------------------------------------------------------------------
+class LogitLens:
+    """Decode any layer with the model's own final norm and unembedding (nostalgebraist 2020).
+
+        lens = LogitLens(model)
+        res = residual_stream(model, ids)          # [L+1, B, T, d]
+        logits = lens.logits(res)                   # [L+1, B, T, V]  (small inputs only)
+        stats = lens.stats(res_flat, targets=nxt)   # LensStats, streamed: any number of tokens
+    """
+
+    def __init__(self, model: nn.Module | LMParts):
+        self.parts = _parts(model)
+
+    @property
+    def n_layers(self) -> int:
+        return self.parts.n_layers
+
+    def normed(self, residuals: torch.Tensor) -> torch.Tensor:
+        """`final_norm` applied to every layer's own residual: `[..., d]` -> `[..., d]`."""
+        with torch.no_grad():
+            return self.parts.final_norm(residuals)
+
+    def logits(self, residuals: torch.Tensor) -> torch.Tensor:
+        """`[..., d]` -> `[..., V]`. Materialises the logits: use `stats` for many tokens."""
+        with torch.no_grad():
+            return self.parts.unembed(self.normed(residuals))
+
+    def cached_scale_logits(self, residuals: torch.Tensor) -> torch.Tensor:
+        """The pitfall: every layer normalised with the last layer's scale. `[L+1, ..., d]` -> `[L+1, ..., V]`."""
+        with torch.no_grad():
+            return self.parts.unembed(cached_scale_norm(self.parts.final_norm, residuals, residuals[-1]))
+
+    def stats(self, residuals: torch.Tensor, *, targets: torch.Tensor | None = None, k: int = 5,
+              **kwargs) -> LensStats:
+        """`lens_stats` of `residuals: [L+1, N, d]` (or `[L+1, B, T, d]`, flattened to `N = B*T`)."""
+        if residuals.dim() == 4:
+            residuals = residuals.flatten(1, 2)
+            targets = targets.reshape(-1) if targets is not None else None
+        return lens_stats(self.normed(residuals), self.parts.unembed.weight.detach(), targets=targets, k=k, **kwargs)
+
+
+def translate(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The tuned lens's affine translator: `h + h A^T + b`. h: `[..., d]`, weight A: `[d, d]`, bias b: `[d]`.
+
+    With `A = 0, b = 0` it is the identity, so a fresh tuned lens IS the logit lens.
+    """
+    return h + h @ weight.T + bias
+
+
+@dataclass
+class FitLog:
+    """What `TunedLens.fit` did: `steps`, the training loss (mean KL over layers) per step."""
+
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+class TunedLens(nn.Module):
+    """One affine translator per layer before the logit lens (Belrose et al. 2023), zero-initialised.
+
+    `lens.logits(residuals)` decodes `W_U final_norm(h_l + A_l h_l + b_l)` for `l < L` and the
+    plain `h_L` at the last layer. Train with `fit`, keep with `save` / `TunedLens.load`.
+
+    Parametrisation (what lets one learning rate suit every layer): the residual's norm grows more
+    than tenfold through the model, so the bias is stored as `b_l = s_l * b'_l`, with `s_l` the
+    typical residual norm per feature of layer l, measured once from data by `fit` and then
+    frozen. `weight` is `A` (`[L, d, d]`), `bias` gives `b` (`[L, d]`).
+    """
+
+    def __init__(self, model: nn.Module | LMParts):
+        super().__init__()
+        self.parts = _parts(model)  # a plain attribute, not a submodule: the model stays frozen
+        L, d = self.parts.n_layers, self.parts.d_model
+        self.weight = nn.Parameter(torch.zeros(L, d, d))  # A_l, (output, input)
+        self.bias_unit = nn.Parameter(torch.zeros(L, d))
+        self.register_buffer("scale", torch.ones(L))
+        self.to(self.parts.unembed.weight.device)
+
+    @property
+    def n_layers(self) -> int:
+        return self.parts.n_layers
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """`[L, d]`: the translators' biases `b_l`."""
+        return self.scale[:, None] * self.bias_unit
+
+    def _move(self, h: torch.Tensor, l0: int = 0, l1: int | None = None) -> torch.Tensor:
+        """Translators `l0..l1-1` on `h: [l1-l0, ..., d]`: `h + A h + b`."""
+        l1 = self.n_layers if l1 is None else l1
+        shape = (l1 - l0,) + (1,) * (h.dim() - 2) + (h.shape[-1],)
+        return h + torch.einsum("l...d,led->l...e", h, self.weight[l0:l1]) + self.bias[l0:l1].reshape(shape)
+
+    def translated(self, residuals: torch.Tensor) -> torch.Tensor:
+        """`[L+1, ..., d]` -> `[L+1, ..., d]`: translator `l` applied to layer `l`; the last layer untouched."""
+        if residuals.shape[0] != self.n_layers + 1:
+            raise ValueError(f"expected residuals for all {self.n_layers + 1} layers (embedding included) "
+                             f"on dim 0, got {residuals.shape[0]}")
+        return torch.cat([self._move(residuals[:-1]), residuals[-1:]])
+
+    def normed(self, residuals: torch.Tensor) -> torch.Tensor:
+        return self.parts.final_norm(self.translated(residuals))
+
+    def logits(self, residuals: torch.Tensor) -> torch.Tensor:
+        """`[L+1, ..., d]` -> `[L+1, ..., V]` (materialised: small inputs only)."""
+        return self.parts.unembed(self.normed(residuals))
+
+    def stats(self, residuals: torch.Tensor, *, targets: torch.Tensor | None = None, k: int = 5,
+              **kwargs) -> LensStats:
+        """`lens_stats` of the translated read-out; `residuals: [L+1, N, d]` or `[L+1, B, T, d]`."""
+        if residuals.dim() == 4:
+            residuals = residuals.flatten(1, 2)
+            targets = targets.reshape(-1) if targets is not None else None
+        with torch.no_grad():
+            normed = self.normed(residuals.to(self.scale.device))
+        return lens_stats(normed, self.parts.unembed.weight.detach(), targets=targets, k=k, **kwargs)
+
+    def fit(self, residuals: torch.Tensor, *, steps: int = 300, batch_tokens: int = 32, lr: float = 1e-3,
+            bias_lr: float | None = None, vocab_sample: int | None = None, optimizer: str = "adam", seed: int = 0,
+            layer_chunk: int | None = None,
+            progress: bool = True) -> FitLog:
+        """Train every translator to minimise `KL(p_L || p_l)` on cached residuals `[L+1, N, d]`.
+
+        Adam, `steps` steps of `batch_tokens` random tokens each (all layers at once); the model's
+        weights are frozen. The first call also sets each layer's bias scale from the data.
+
+        `vocab_sample=None` computes the exact KL over the whole vocabulary. An int `m` makes a
+        step about `V / (k + m)` times cheaper (for a CPU): the KL is summed over the tokens that
+        carry the final distribution's mass in this batch (each token's top 32) plus `m` random
+        others, weighted by how many tokens each random one stands for (a sampled softmax).
+        Returns a `FitLog`; the lens is trained in place.
+        """
+        if residuals.dim() != 3 or residuals.shape[0] != self.n_layers + 1:
+            raise ValueError(f"fit needs cached residuals [L+1, N, d] = [{self.n_layers + 1}, N, "
+                             f"{self.parts.d_model}], got {tuple(residuals.shape)} (see collect_residuals)")
+        if bool((self.bias_unit == 0).all() and (self.weight == 0).all()):  # untrained: measure scales
+            with torch.no_grad():
+                sample = residuals[:-1, :4096].float()
+                self.scale.copy_(sample.pow(2).mean(-1).sqrt().median(1).values.clamp_min(1e-6))
+        gen = torch.Generator().manual_seed(seed)
+        if optimizer == "adam":
+            groups = [{"params": [self.weight], "lr": lr},
+                      {"params": [self.bias_unit], "lr": bias_lr if bias_lr is not None else lr}]
+            opt: torch.optim.Optimizer = torch.optim.Adam(groups, fused=True)
+        elif optimizer == "sgd":  # Belrose et al.: SGD with Nesterov momentum
+            opt = torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9, nesterov=True)
+        else:
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)  # linear to 0
+        if layer_chunk is None:  # all layers in one go, unless the full-vocabulary logits would be large
+            layer_chunk = self.n_layers if vocab_sample is not None else max(1, 2**22 // (batch_tokens * 4096))
+        log = FitLog()
+        frozen = [(p, p.requires_grad) for p in self.parts.final_norm.parameters()]
+        for p, _ in frozen:  # gradients for the translators only, never into the model
+            p.requires_grad_(False)
+        try:
+            for _ in tqdm(range(steps), desc="tuned lens", disable=not progress):
+                pick = torch.randint(0, residuals.shape[1], (batch_tokens,), generator=gen)
+                res = residuals[:, pick].to(self.scale.device)
+                opt.zero_grad(set_to_none=True)
+                log.losses.append(self._kl_backward(res, vocab_sample, gen, layer_chunk))
+                opt.step()
+                decay.step()
+                log.steps += 1
+        finally:
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+        return log
+
+    def _kl_backward(self, res: torch.Tensor, vocab_sample: int | None, gen: torch.Generator,
+                     layer_chunk: int) -> float:
+        """Backpropagate the mean over layers and tokens of `KL(p_L || p_l)` for res `[L+1, b, d]`."""
+        W_U = self.parts.unembed.weight.detach()
+        V = W_U.shape[0]
+        with torch.no_grad():
+            final = (self.parts.final_norm(res[-1]) @ W_U.T).float().log_softmax(-1)  # [b, V], exact
+        rows, log_w = None, None
+        if vocab_sample is not None and vocab_sample + 32 * res.shape[1] < V:
+            keep = torch.zeros(V, dtype=torch.bool, device=W_U.device)
+            keep[final.topk(32, -1).indices.reshape(-1)] = True
+            rest = (~keep).nonzero()[:, 0]
+            extra = rest[torch.randperm(len(rest), generator=gen)[:vocab_sample].to(rest.device)]
+            rows = torch.cat([keep.nonzero()[:, 0], extra])
+            log_w = torch.zeros(len(rows), device=W_U.device)
+            log_w[int(keep.sum()):] = math.log(len(rest) / len(extra))
+            final, W_U = final[:, rows], W_U[rows]
+        p_final = final.exp() if log_w is None else (final + log_w).exp()  # weighted by what each stands for
+        total = 0.0
+        for l0 in range(0, self.n_layers, layer_chunk):  # a few layers at a time: bounded memory
+            l1 = min(l0 + layer_chunk, self.n_layers)
+            moved = self._move(res[l0:l1], l0, l1)
+            z = (self.parts.final_norm(moved) @ W_U.T).float()  # [l, b, V or sampled]
+            logq = z - torch.logsumexp(z if log_w is None else z + log_w, -1, keepdim=True)
+            kl = (p_final * (final - logq)).sum(-1).mean(-1).sum() / self.n_layers
+            kl.backward()
+            total += float(kl.detach())
+        return total
+
+    def save(self, path: str | Path) -> Path:
+        """Write the translators (and what model shape they fit) to `path` (a `.pt` file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        torch.save({**state, "n_layers": self.n_layers, "d_model": self.parts.d_model}, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module | LMParts) -> "TunedLens":
+        """A TunedLens for `model` with the translators saved at `path`."""
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        lens = cls(model)
+        if (state["n_layers"], state["d_model"]) != (lens.n_layers, lens.parts.d_model):
+            raise ValueError(f"{path} holds a tuned lens for {state['n_layers']} layers of width "
+                             f"{state['d_model']}, but this model has {lens.n_layers} of {lens.parts.d_model}")
+        with torch.no_grad():
+            for name in ("weight", "bias_unit", "scale"):
+                getattr(lens, name).copy_(state[name])
+        return lens
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Induction heads
+# ----------------------------------------------------------------------------------------------
+def repeated_random_tokens(vocab_size: int, half: int, *, batch: int = 4, seed: int = 0,
+                           low: int = 1000) -> torch.Tensor:
+    """`[batch, 2*half]`: `half` random token ids (from `low` up, away from special tokens), twice."""
+    if vocab_size <= low:
+        low = 0
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.randint(low, vocab_size, (batch, half), generator=gen)
+    return torch.cat([first, first], 1)
+
+
+@torch.no_grad()
+def attention_patterns(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Every head's attention pattern: `ids [B, T]` -> `[L, B, H, T, T]` (rows: queries, softmaxed keys).
+
+    Needs eager attention (`attn_implementation="eager"`, as `load_lm` and `tiny_lm` give): the
+    fused SDPA kernels of transformers 5 do not return attention weights.
+    """
+    impl = getattr(model.config, "_attn_implementation", "eager")
+    if impl != "eager":
+        raise ValueError(f"attention weights need eager attention, but this model uses {impl!r}; load it "
+                         "with attn_implementation='eager' (load_lm does) or call model.set_attn_implementation('eager')")
+    out = model(ids, output_attentions=True)
+    if not out.attentions or out.attentions[0] is None:
+        raise RuntimeError("the model returned no attention weights; load it with attn_implementation='eager'")
+    return torch.stack(out.attentions)
+
+
+def induction_score(pattern: torch.Tensor, half: int) -> torch.Tensor:
+    """Mean attention from each second-copy query `t` to key `t - half + 1` (the token after the first copy).
+
+    pattern: `[..., T, T]` on a sequence of `half` random tokens repeated (T = 2*half) -> `[...]`.
+    """
+    T = pattern.shape[-1]
+    q = torch.arange(half, T, device=pattern.device)
+    return pattern[..., q, q - half + 1].mean(-1)
+
+
+def induction_scores(patterns: torch.Tensor, half: int) -> torch.Tensor:
+    """`[L, B, H, T, T]` -> `[L, H]`: `induction_score` averaged over the batch."""
+    return induction_score(patterns, half).mean(1)
