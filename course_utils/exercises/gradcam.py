@@ -1,0 +1,571 @@
+"""Exercises of 01_gradcam: hooks, channel weights, the map, box mass, rank correlation, permuted
+labels, deletion. Each reference calls into `course_utils.gradcam`; each mistake is a known wrong answer."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from course_utils import gradcam as G
+from course_utils.checks import Case, diagnose, exercise, mistake
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _nan_aware(expected: Any, actual: Any, rtol: float = 1e-4, atol: float = 1e-5) -> str | None:
+    """`diagnose`, except that NaN where the expected value is NaN counts as equal (so a NaN-producing
+    known mistake is recognised; checks.diagnose's tolerance turns NaN there into a crash)."""
+    if (isinstance(expected, torch.Tensor) and isinstance(actual, torch.Tensor) and expected.shape == actual.shape
+            and expected.is_floating_point() and actual.is_floating_point()):
+        both = expected.isnan() & actual.isnan()
+        if both.any():
+            expected, actual = expected.masked_fill(both, 0.0), actual.masked_fill(both, 0.0)
+    return diagnose(expected, actual, rtol=rtol, atol=atol)
+
+
+# --------------------------------------------------------------------------------------------
+# Small CNNs for the hook exercise
+# --------------------------------------------------------------------------------------------
+def tiny_cnn(seed: int = 0, width: int = 6, classes: int = 5) -> nn.Sequential:
+    """A small CNN with named layers, every module called once: `[B, 3, 8, 8]` -> logits `[B, classes]`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(OrderedDict([
+            ("conv1", nn.Conv2d(3, width, 3, padding=1)), ("relu1", nn.ReLU()),
+            ("conv2", nn.Conv2d(width, width, 3, padding=1)), ("relu2", nn.ReLU()),
+            ("pool", nn.AdaptiveAvgPool2d(1)), ("flat", nn.Flatten()), ("fc", nn.Linear(width, classes)),
+        ])).eval()
+
+
+class ReusedActivationCNN(nn.Module):
+    """Like EfficientNet-Lite: ONE activation module `act` called twice (after `conv1` and after `conv2`).
+
+    `[B, 3, 8, 8]` -> logits `[B, classes]`. The two calls of `act` give `[B, width, 8, 8]` and `[B, width, 4, 4]`.
+    """
+
+    def __init__(self, seed: int = 0, width: int = 4, classes: int = 5) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+            self.conv2 = nn.Conv2d(width, width, 3, padding=1, stride=2)
+            self.act = nn.ReLU6()
+            self.fc = nn.Linear(width, classes)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.conv1(x))
+        x = self.act(self.conv2(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+# --- 1. activations and gradients -------------------------------------------------------------
+def _hook_cases() -> list[Case]:
+    x = torch.randn(3, 3, 8, 8, generator=_gen(11))
+    m0, m1, m2 = tiny_cnn(0), tiny_cnn(1, width=4), tiny_cnn(2)
+    return [
+        Case("conv2 of a small CNN, batch of 3", (m0, m0.conv2, x, torch.tensor([0, 3, 1]))),
+        Case("relu1, one image", (m1, m1.relu1, x[:1], torch.tensor([2]))),
+        Case("relu2, batch of 2, same class", (m2, m2.relu2, x[1:], torch.tensor([4, 4]))),
+    ]
+
+
+def _hooks_left(model: nn.Module) -> list[str]:
+    return [n or "model" for n, m in model.named_modules()
+            if m._forward_hooks or m._backward_hooks or getattr(m, "_forward_pre_hooks", None)]
+
+
+def _validate_hooks(answer: Any, **_: Any) -> str | None:
+    """No hook left behind, and a reused module must raise a ValueError instead of picking a call."""
+    model = tiny_cnn(5)
+    answer(model, model.conv2, torch.randn(2, 3, 8, 8, generator=_gen(12)), torch.tensor([1, 2]))
+    left = _hooks_left(model)
+    if left:
+        return (f"hooks are still registered on {left} after your function returned: keep the handle that "
+                f"register_forward_hook returns and call handle.remove() in a finally: block")
+    reused = ReusedActivationCNN(6)
+    x, classes = torch.randn(2, 3, 8, 8, generator=_gen(13)), torch.tensor([0, 4])
+    try:
+        got = answer(reused, reused.act, x, classes)
+    except ValueError:
+        left = _hooks_left(reused)
+        if left:
+            return (f"you raised the ValueError, but left hooks registered on {left}: remove the handle in a "
+                    f"finally: block, so that it goes even when your function raises")
+        return None
+    acts = got[0] if isinstance(got, (tuple, list)) else got
+    shapes = "[2, 4, 8, 8] and [2, 4, 4, 4]"
+    if isinstance(acts, torch.Tensor) and tuple(acts.shape) == (2, 4, 8, 8):
+        which = "the FIRST call's (this is what pytorch-grad-cam does with EfficientNet's _swish: the stem)"
+    elif isinstance(acts, torch.Tensor) and tuple(acts.shape) == (2, 4, 4, 4):
+        which = "the LAST call's"
+    else:
+        which = "something"
+    return (f"on a model whose activation module `act` runs twice (outputs {shapes}) you silently returned "
+            f"{which} activations: count the calls in your hook and raise a ValueError when there is more than one")
+
+
+@exercise("gradcam.activations_and_gradients", title="Capture a layer's activations and gradients with hooks",
+          cases=_hook_cases, validate=_validate_hooks,
+          hint="Register a forward hook on `layer` that keeps `output` and calls output.register_hook(...) to keep "
+               "its gradient; run model(x); backprop logits[range(B), classes].sum(); remove the handle in a "
+               "finally: block; raise ValueError if the hook fired more than once.")
+def activations_and_gradients(model: nn.Module, layer: nn.Module, x: torch.Tensor,
+                              classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`A = layer(...)` and `dy/dA` for `y = sum_b logits[b, classes[b]]`: both `[B, K, h, w]`, detached.
+
+    Raises ValueError when `layer` runs more than once in the forward pass. Leaves no hook behind.
+    """
+    with G.capture(model, layer) as cap:
+        logits = model(x)
+        acts = cap.activation  # raises AmbiguousLayerError (a ValueError) for a reused module
+        grads, = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), acts)
+    return acts.detach(), grads
+
+
+def _hooked_run(model, layer, x, classes, keep="only", score=None, leak=False):
+    """A hook-based implementation with switchable mistakes (for the registered mistakes below)."""
+    acts, grads = [], []
+
+    def hook(module, inputs, output):
+        acts.append(output)
+        output.register_hook(lambda g, k=len(acts) - 1: grads.append((k, g)))
+
+    handle = layer.register_forward_hook(hook)
+    logits = model(x)
+    if not leak:
+        handle.remove()
+    if keep == "only" and len(acts) > 1:
+        raise ValueError("layer ran more than once")
+    k = 0 if keep in ("only", "first") else len(acts) - 1
+    y = (score or (lambda lg: lg.gather(1, classes[:, None]).sum()))(logits)
+    y.backward()
+    g = dict(grads)[k]
+    return acts[k].detach(), g
+
+
+@mistake("gradcam.activations_and_gradients", "hook left registered",
+         "Keep the handle that register_forward_hook returns and call handle.remove() (in a finally: block); "
+         "a forgotten hook fires on every later forward pass and keeps tensors alive.")
+def _capture_leaky(model, layer, x, classes):
+    return _hooked_run(model, layer, x, classes, leak=True)
+
+
+@mistake("gradcam.activations_and_gradients", "silently used the first call of a reused module",
+         "A module object that forward() calls twice fires its hook twice. Keeping the first call is what "
+         "pytorch-grad-cam does with EfficientNet's `_swish`: it explains the stem, not the head. Count the calls "
+         "and raise a ValueError when there is more than one.")
+def _capture_first_call(model, layer, x, classes):
+    return _hooked_run(model, layer, x, classes, keep="first")
+
+
+@mistake("gradcam.activations_and_gradients", "silently used the last call of a reused module",
+         "Keeping the last call happens to be right for EfficientNet's head, but only by luck of the call order. "
+         "Count the calls and raise a ValueError when there is more than one.")
+def _capture_last_call(model, layer, x, classes):
+    return _hooked_run(model, layer, x, classes, keep="last")
+
+
+@mistake("gradcam.activations_and_gradients", "gradient of the mean score over the batch",
+         "Backprop the SUM of the scores, logits[range(B), classes].sum(): images in a batch are independent, so "
+         "each one gets exactly its own gradient. The mean divides every gradient by B.")
+def _capture_mean(model, layer, x, classes):
+    return _hooked_run(model, layer, x, classes, score=lambda lg: lg.gather(1, classes[:, None]).mean())
+
+
+@mistake("gradcam.activations_and_gradients", "gradient of the softmax probability instead of the logit",
+         "Grad-CAM differentiates the class score before the softmax, the logit y^c. The probability's gradient "
+         "also depends on every other class.")
+def _capture_softmax(model, layer, x, classes):
+    return _hooked_run(model, layer, x, classes, score=lambda lg: lg.softmax(-1).gather(1, classes[:, None]).sum())
+
+
+@mistake("gradcam.activations_and_gradients", "gradient with respect to the module's input (grad_input)",
+         "A full backward hook gives (grad_input, grad_output): grad_input is the gradient at the module's INPUT. "
+         "You want the gradient at its output, the activation A: use output.register_hook in the forward hook.")
+def _capture_grad_input(model, layer, x, classes):
+    acts, grads = [], []
+    h1 = layer.register_forward_hook(lambda m, i, o: acts.append(o.detach()))
+    h2 = layer.register_full_backward_hook(lambda m, gin, gout: grads.append(gin[0]))
+    try:
+        model(x).gather(1, classes[:, None]).sum().backward()
+    finally:
+        h1.remove()
+        h2.remove()
+    return acts[0], grads[0]
+
+
+@mistake("gradcam.activations_and_gradients", "hook not removed when the function raises",
+         "Remove the handle in a finally: block, so that it goes on every path, including the ValueError you raise.")
+def _capture_leak_on_raise(model, layer, x, classes):
+    acts = []
+    handle = layer.register_forward_hook(lambda m, i, o: acts.append(o))
+    logits = model(x)
+    if len(acts) > 1:
+        raise ValueError("layer ran more than once")
+    handle.remove()
+    grads, = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), acts[0])
+    return acts[0].detach(), grads
+
+
+# --- 2. channel weights -----------------------------------------------------------------------
+def _weights_cases() -> list[Case]:
+    g = _gen(21)
+    return [
+        Case("batch 2, 5 channels, 3x4 map", (torch.randn(2, 5, 3, 4, generator=g),)),
+        Case("one image, 1x1 map", (torch.randn(1, 3, 1, 1, generator=g),)),
+        Case("batch 3, 4 channels, 7x7 map", (torch.randn(3, 4, 7, 7, generator=g) * 0.01,)),
+    ]
+
+
+@exercise("gradcam.channel_weights", title="Channel weights: the spatial mean of the gradients", cases=_weights_cases,
+          hint="Average over the two spatial axes only: gradients.mean(dim=(2, 3)) gives [B, K].")
+def channel_weights(gradients: torch.Tensor) -> torch.Tensor:
+    """`alpha_k = (1/hw) sum_ij dy/dA^k_ij`: `gradients [B, K, h, w]` -> `[B, K]`."""
+    return G.channel_weights(gradients)
+
+
+@mistake("gradcam.channel_weights", "gradients summed instead of averaged",
+         "Use the mean, not the sum: a sum grows with the map's size h*w, so the weights would depend on the resolution.")
+def _weights_sum(gradients):
+    return gradients.sum(dim=(2, 3))
+
+
+@mistake("gradcam.channel_weights", "averaged over the channels instead of space",
+         "dim=1 is the channel axis K; the spatial axes are dim=(2, 3). The result is one weight per channel: [B, K].")
+def _weights_channels(gradients):
+    return gradients.mean(dim=1)
+
+
+@mistake("gradcam.channel_weights", "negative gradients clipped before averaging",
+         "Grad-CAM averages the raw gradients, negative ones included; the ReLU comes later, on the weighted sum.")
+def _weights_relu(gradients):
+    return gradients.clamp_min(0).mean(dim=(2, 3))
+
+
+@mistake("gradcam.channel_weights", "averaged over the batch as well",
+         "Keep the batch axis: every image gets its own weights, [B, K].")
+def _weights_batch(gradients):
+    return gradients.mean(dim=(0, 2, 3))
+
+
+# --- 3. the map ----------------------------------------------------------------------------
+def _map_cases() -> list[Case]:
+    g = _gen(31)
+    flat_acts = torch.rand(1, 3, 4, 4, generator=g)
+    return [
+        Case("batch 2, 4 channels, 5x5 -> 20x20", (torch.randn(2, 4, 5, 5, generator=g), torch.randn(2, 4, generator=g), (20, 20))),
+        Case("a flat map: every weighted sum is negative", (flat_acts, -torch.rand(1, 3, generator=g) - 0.1, (8, 8))),
+        Case("batch 3, 6 channels, 7x7 -> 28x21", (torch.randn(3, 6, 7, 7, generator=g), torch.randn(3, 6, generator=g), (28, 21))),
+    ]
+
+
+@exercise("gradcam.cam_map", title="The map: ReLU of the weighted sum, upsampled and normalised", cases=_map_cases,
+          compare=_nan_aware,
+          hint="raw = relu(einsum('bk,bkhw->bhw', weights, activations)); upsample with F.interpolate(raw[:, None], "
+               "size=size, mode='bilinear', align_corners=False)[:, 0]; divide each map by its own max, and leave "
+               "an all-zero map at zero.")
+def cam_map(activations: torch.Tensor, weights: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`normalise(upsample(ReLU(sum_k w_k A^k)))`: `A [B, K, h, w]`, `w [B, K]` -> `[B, *size]` in [0, 1]."""
+    return G.cam_map(activations, weights, size)
+
+
+def _up(raw: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
+    kw = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(raw[:, None], size=tuple(size), mode=mode, **kw)[:, 0]
+
+
+@mistake("gradcam.cam_map", "the ReLU is missing",
+         "Apply F.relu to the weighted sum: Grad-CAM keeps only the regions that push the class score UP; "
+         "without it, negative evidence (often another object) shows up in the map.")
+def _map_no_relu(activations, weights, size):
+    return G.normalise(_up(torch.einsum("bk,bkhw->bhw", weights, activations), size))
+
+
+@mistake("gradcam.cam_map", "the ReLU applied before the weighted sum",
+         "ReLU the weighted SUM, not each channel's term: positive and negative channel contributions must cancel "
+         "first. ReLU(sum_k w_k A^k), not sum_k ReLU(w_k A^k).")
+def _map_relu_first(activations, weights, size):
+    return G.normalise(_up(F.relu(weights[:, :, None, None] * activations).sum(1), size))
+
+
+@mistake("gradcam.cam_map", "normalisation divides by zero on a flat map",
+         "When the ReLU leaves a map all zero its maximum is 0, and 0/0 is NaN. Divide only where the maximum is "
+         "positive, e.g. torch.where(peak > 0, m / peak, 0).")
+def _map_nan(activations, weights, size):
+    raw = _up(F.relu(torch.einsum("bk,bkhw->bhw", weights, activations)), size)
+    return raw / raw.amax(dim=(1, 2), keepdim=True)
+
+
+@mistake("gradcam.cam_map", "one maximum for the whole batch",
+         "Normalise each map by its OWN maximum: amax(dim=(1, 2), keepdim=True), not one max over the batch.")
+def _map_batch_max(activations, weights, size):
+    raw = _up(F.relu(torch.einsum("bk,bkhw->bhw", weights, activations)), size)
+    return raw / raw.max()
+
+
+@mistake("gradcam.cam_map", "upsampled before the ReLU",
+         "ReLU at the layer's resolution, then upsample: interpolating first blurs negative values into the "
+         "positive regions.")
+def _map_upsample_first(activations, weights, size):
+    return G.normalise(F.relu(_up(torch.einsum("bk,bkhw->bhw", weights, activations), size)))
+
+
+@mistake("gradcam.cam_map", "nearest-neighbour upsampling",
+         "Use mode='bilinear' (align_corners=False): nearest-neighbour gives blocky maps.")
+def _map_nearest(activations, weights, size):
+    return G.normalise(_up(F.relu(torch.einsum("bk,bkhw->bhw", weights, activations)), size, mode="nearest"))
+
+
+# --- 4. box mass ------------------------------------------------------------------------------
+def _box_cases() -> list[Case]:
+    g = _gen(41)
+    return [
+        Case("batch 2 of 12x16 maps, box x 3..10, y 2..7", (torch.rand(2, 12, 16, generator=g), (3, 2, 10, 7))),
+        Case("an all-zero map", (torch.zeros(1, 5, 5), (1, 1, 3, 3))),
+        Case("batch 3 of 8x10 maps, the whole image", (torch.rand(3, 8, 10, generator=g), (0, 0, 10, 8))),
+    ]
+
+
+@exercise("gradcam.box_mass", title="How much of the map falls inside a box", cases=_box_cases, compare=_nan_aware,
+          hint="x is the column, y the row: inside = maps[:, y0:y1, x0:x1].sum(dim=(1, 2)); divide by "
+               "maps.sum(dim=(1, 2)), and return 0 where the total is 0.")
+def box_mass(maps: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """Fraction of each map's mass inside `box = (x0, y0, x1, y1)` (half-open): `[B, H, W]` -> `[B]`."""
+    return G.box_mass(maps, box)
+
+
+@mistake("gradcam.box_mass", "rows and columns swapped",
+         "Images are indexed [row, column] = [y, x]: slice maps[:, y0:y1, x0:x1].")
+def _box_swapped(maps, box):
+    x0, y0, x1, y1 = box
+    return maps[:, x0:x1, y0:y1].sum(dim=(1, 2)) / maps.sum(dim=(1, 2)).clamp_min(1e-30)
+
+
+@mistake("gradcam.box_mass", "not divided by the map's total mass",
+         "A fraction: divide the mass inside the box by the whole map's mass.")
+def _box_unnormalised(maps, box):
+    x0, y0, x1, y1 = box
+    return maps[:, y0:y1, x0:x1].sum(dim=(1, 2))
+
+
+@mistake("gradcam.box_mass", "mean inside the box instead of the share of the mass",
+         "The mean value inside the box does not say what share of the map is there; sum inside / sum overall does.")
+def _box_mean(maps, box):
+    x0, y0, x1, y1 = box
+    return maps[:, y0:y1, x0:x1].mean(dim=(1, 2))
+
+
+@mistake("gradcam.box_mass", "the box's end included",
+         "The box is half-open, like Python slices: x0 <= x < x1. Slice [y0:y1], not [y0:y1 + 1].")
+def _box_inclusive(maps, box):
+    x0, y0, x1, y1 = box
+    return maps[:, y0:y1 + 1, x0:x1 + 1].sum(dim=(1, 2)) / maps.sum(dim=(1, 2)).clamp_min(1e-30)
+
+
+@mistake("gradcam.box_mass", "division by zero on an all-zero map",
+         "An all-zero map has total mass 0: return 0 there (torch.where(total > 0, inside / total, 0)), not NaN.")
+def _box_nan(maps, box):
+    x0, y0, x1, y1 = box
+    return maps[:, y0:y1, x0:x1].sum(dim=(1, 2)) / maps.sum(dim=(1, 2))
+
+
+# --- 5. Spearman rank correlation -------------------------------------------------------------
+def _spearman_cases() -> list[Case]:
+    g = _gen(51)
+    a = torch.randn(3, 50, generator=g)
+    b = a + torch.randn(3, 50, generator=g)
+    ties_a = torch.randint(0, 4, (2, 40), generator=g).float()
+    ties_b = (ties_a + torch.randint(0, 3, (2, 40), generator=g)).clamp(max=3)
+    c = torch.rand(2, 30, generator=g)
+    return [
+        Case("3 pairs of noisy maps, 50 pixels", (a, b)),
+        Case("2 pairs of maps with many ties (like the zeros of a ReLU)", (ties_a, ties_b)),
+        Case("a monotone transform (exp) of each map", (c, c.exp() * 3)),
+    ]
+
+
+def _compare_float64(expected: Any, actual: Any) -> str | None:
+    if isinstance(actual, torch.Tensor) and actual.is_floating_point():
+        actual = actual.double()
+    return _nan_aware(expected, actual, rtol=1e-6, atol=1e-6)
+
+
+@exercise("gradcam.spearman", title="Spearman rank correlation of two maps", cases=_spearman_cases,
+          compare=_compare_float64,
+          hint="Rank each row with ties averaged (torch.unique(row, return_inverse=True, return_counts=True): "
+               "a value's rank is the mean of the positions its copies occupy), then take the Pearson "
+               "correlation of the ranks: centre them, sum the products, divide by the product of the norms.")
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rank correlation of each pair of rows: `a, b: [B, N]` -> `[B]`, ties given their average rank."""
+    return G.spearman(a, b)
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.double(), b.double()
+    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+@mistake("gradcam.spearman", "Pearson correlation of the values, not of their ranks",
+         "Rank first: Spearman is the Pearson correlation of the RANKS, so it only cares about the order of the "
+         "pixels, not their values.")
+def _spearman_pearson(a, b):
+    return _pearson(a, b)
+
+
+@mistake("gradcam.spearman", "ties ranked by position (argsort of argsort)",
+         "argsort().argsort() gives tied values different ranks, in order of position. Maps have many ties (every "
+         "zero of the ReLU): give tied values the average of their ranks.")
+def _spearman_ordinal(a, b):
+    def ordinal(t):
+        return torch.sort(torch.sort(t, dim=-1, stable=True).indices, dim=-1, stable=True).indices.double()
+    return _pearson(ordinal(a), ordinal(b))
+
+
+@mistake("gradcam.spearman", "ranked across the whole batch",
+         "Rank every map on its own (along the last axis), not all maps of the batch together.")
+def _spearman_batch_rank(a, b):
+    ra = G.rank(a.reshape(1, -1)).reshape(a.shape)
+    rb = G.rank(b.reshape(1, -1)).reshape(b.shape)
+    return _pearson(ra, rb)
+
+
+@mistake("gradcam.spearman", "ranks not centred (cosine similarity of the ranks)",
+         "Subtract each row's mean rank before the dot product: without centring you compute a cosine "
+         "similarity, which is close to 1 for any two rankings.")
+def _spearman_uncentred(a, b):
+    ra, rb = G.rank(a), G.rank(b)
+    return (ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1))
+
+
+# --- 6. permuted labels -----------------------------------------------------------------------
+def _no_cases() -> list[Case]:
+    return []
+
+
+def _validate_permutation(answer: Any, **_: Any) -> str | None:
+    labels = torch.arange(10).repeat(60)[torch.randperm(600, generator=_gen(61))]
+    original = labels.clone()
+    out = answer(labels, 0)
+    if not isinstance(out, torch.Tensor) or out.shape != labels.shape or out.dtype != torch.long:
+        return f"expected a LongTensor of shape [600] (like the labels), got {type(out).__name__} " \
+               f"{list(getattr(out, 'shape', []))} {getattr(out, 'dtype', '')}"
+    if not torch.equal(labels, original):
+        return "your function changed the labels you passed in (an in-place shuffle): return a new tensor"
+    again = answer(labels.clone(), 0)
+    if not torch.equal(out, again):
+        return ("two calls with the same seed gave different labels: draw the permutation from "
+                "torch.Generator().manual_seed(seed), not from the global random state")
+    if not torch.equal(out.bincount(minlength=10), original.bincount(minlength=10)):
+        return ("the class counts changed: a permutation keeps every label and only moves it to another image. "
+                "New random labels would also change the class balance")
+    if (out == original).float().mean() > 0.3:
+        return "most labels are unchanged: shuffle the labels' order, so that image i gets the label of image perm[i]"
+    if all(out[original == c].unique().numel() == 1 for c in range(10)):
+        return ("every class was mapped to one other class: a fixed relabelling is still a function of the image, "
+                "so the network learns it just as well. Permute the labels across images instead")
+    if torch.equal(out, answer(labels.clone(), 1)):
+        return "seeds 0 and 1 gave the same labels: use the seed"
+    return None
+
+
+@exercise("gradcam.permute_labels", title="Data randomisation: permute the training labels", cases=_no_cases,
+          validate=_validate_permutation,
+          hint="perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)); "
+               "return labels[perm].")
+def permute_labels(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """The labels shuffled across images by a seeded random permutation: `[N]` -> `[N]` (a new tensor)."""
+    return G.permute_labels(labels, seed)
+
+
+@mistake("gradcam.permute_labels", "labels returned unchanged",
+         "Shuffling images and labels together changes nothing; shuffle the labels ALONE.")
+def _perm_identity(labels, seed):
+    return labels.clone()
+
+
+@mistake("gradcam.permute_labels", "new uniformly random labels",
+         "Fresh random labels change the class balance; a permutation keeps it, so that the only thing that changes "
+         "is the link between an image and its label.")
+def _perm_uniform(labels, seed):
+    return torch.randint(0, 10, labels.shape, generator=torch.Generator().manual_seed(seed))
+
+
+@mistake("gradcam.permute_labels", "a fixed relabelling (class c -> c + 1)",
+         "Mapping every class to another class is still learnable: the label remains a function of the image. "
+         "Permute the labels across images.")
+def _perm_shift(labels, seed):
+    return (labels + 1) % 10
+
+
+@mistake("gradcam.permute_labels", "the seed is ignored",
+         "Use torch.Generator().manual_seed(seed) and pass generator= to torch.randperm, so that a run can be repeated.")
+def _perm_unseeded(labels, seed):
+    return labels[torch.randperm(len(labels))]
+
+
+@mistake("gradcam.permute_labels", "shuffled in place",
+         "Return a new tensor; do not write into the labels you were given (labels[:] = ...).")
+def _perm_inplace(labels, seed):
+    labels[:] = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))]
+    return labels
+
+
+# --- 7. deletion ------------------------------------------------------------------------------
+def _delete_cases() -> list[Case]:
+    g = _gen(71)
+    return [
+        Case("batch 2, 3 channels, 4x5, delete 6 pixels", (torch.randn(2, 3, 4, 5, generator=g), torch.rand(2, 4, 5, generator=g), 6, 0.0)),
+        Case("delete nothing (k = 0)", (torch.randn(1, 1, 3, 3, generator=g), torch.rand(1, 3, 3, generator=g), 0, 0.0)),
+        Case("batch 3, 2 channels, 5x4, delete 7 with baseline -1", (torch.randn(3, 2, 5, 4, generator=g), torch.rand(3, 5, 4, generator=g), 7, -1.0)),
+        Case("delete every pixel, baseline 0.5", (torch.randn(2, 3, 2, 2, generator=g), torch.rand(2, 2, 2, generator=g), 4, 0.5)),
+    ]
+
+
+@exercise("gradcam.delete_most_salient", title="Delete the most salient pixels", cases=_delete_cases,
+          hint="Per image: idx = saliency.flatten(1).topk(k, dim=1).indices; build a [B, H*W] mask with "
+               "mask.scatter_(1, idx, True); then torch.where(mask.reshape(B, 1, H, W), baseline, x).")
+def delete_most_salient(x: torch.Tensor, saliency: torch.Tensor, k: int, baseline: float) -> torch.Tensor:
+    """Each image's `k` most salient pixels (all channels) set to `baseline`: `x [B, C, H, W]`, `saliency [B, H, W]`."""
+    return G.delete_most_salient(x, saliency, k, baseline)
+
+
+def _delete_with(x, idx, baseline, channels=None):
+    b, c, h, w = x.shape
+    mask = torch.zeros(b, h * w, dtype=torch.bool).scatter_(1, idx, True).reshape(b, 1, h, w)
+    if channels is not None:
+        mask = mask & (torch.arange(c) == channels).reshape(1, c, 1, 1)
+    return torch.where(mask, torch.full_like(x, baseline), x)
+
+
+@mistake("gradcam.delete_most_salient", "least salient pixels deleted first",
+         "Delete the MOST salient pixels: topk picks the largest values (or sort with descending=True).")
+def _delete_least(x, saliency, k, baseline):
+    return _delete_with(x, saliency.flatten(1).topk(k, dim=1, largest=False).indices, baseline)
+
+
+@mistake("gradcam.delete_most_salient", "top-k over the whole batch instead of per image",
+         "Pick k pixels in EACH image: topk along dim=1 of saliency.flatten(1), not over saliency.flatten().")
+def _delete_batchwise(x, saliency, k, baseline):
+    b, c, h, w = x.shape
+    flat = torch.zeros(b * h * w, dtype=torch.bool)
+    flat[saliency.flatten().topk(k).indices] = True
+    return torch.where(flat.reshape(b, 1, h, w), torch.full_like(x, baseline), x)
+
+
+@mistake("gradcam.delete_most_salient", "only the first channel deleted",
+         "A pixel is all of its channels: the mask is [B, 1, H, W] and broadcasts over C.")
+def _delete_one_channel(x, saliency, k, baseline):
+    return _delete_with(x, saliency.flatten(1).topk(k, dim=1).indices, baseline, channels=0)
+
+
+@mistake("gradcam.delete_most_salient", "the baseline is ignored (always 0)",
+         "Set deleted pixels to `baseline`, which is not always 0.")
+def _delete_zero(x, saliency, k, baseline):
+    return _delete_with(x, saliency.flatten(1).topk(k, dim=1).indices, 0.0)
