@@ -1,0 +1,407 @@
+"""Exercises of 03_moment_editing: class moments, the mean shift, the symmetric square root, the
+Gaussian Monge map, the OT edit and PSNR."""
+from __future__ import annotations
+
+import torch
+
+from course_utils import moments as M
+from course_utils.checks import Case, diagnose, exercise, mistake
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _nan_aware(expected, actual, loose: bool) -> str | None:
+    """`diagnose`, except that NaN where `expected` has NaN counts as equal (so that a known mistake
+    that produces NaN is recognised), and with `loose` any floating dtype of the answer is accepted."""
+    def fix(e, a):
+        if not (isinstance(e, torch.Tensor) and isinstance(a, torch.Tensor)):
+            return e, a
+        if loose and e.is_floating_point() and a.is_floating_point():
+            a = a.to(e.dtype)
+        if e.is_floating_point() and a.is_floating_point() and e.shape == a.shape and e.dtype == a.dtype:
+            both = torch.isnan(e) & torch.isnan(a)
+            if both.any():
+                e, a = e.masked_fill(both, 0.0), a.masked_fill(both, 0.0)
+        return e, a
+    if isinstance(expected, tuple) and isinstance(actual, (tuple, list)) and len(expected) == len(actual):
+        pairs = [fix(e, a) for e, a in zip(expected, actual)]
+        expected, actual = tuple(e for e, _ in pairs), tuple(a for _, a in pairs)
+    else:
+        expected, actual = fix(expected, actual)
+    return diagnose(expected, actual, rtol=1e-4, atol=1e-6 if loose else 1e-5)
+
+
+def _loose_dtype(expected, actual) -> str | None:
+    """Like `diagnose`, but any floating dtype of the answer (float32 or float64) is accepted."""
+    return _nan_aware(expected, actual, loose=True)
+
+
+def _strict_dtype(expected, actual) -> str | None:
+    """Like `diagnose` (dtypes must match)."""
+    return _nan_aware(expected, actual, loose=False)
+
+
+def _spd(d: int, g: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    x = torch.randn(d, d + 2, generator=g, dtype=torch.float64)
+    return scale * (x @ x.T / (d + 2) + 0.1 * torch.eye(d, dtype=torch.float64))
+
+
+# --- 1. streaming class moments -------------------------------------------------------------
+def _batches(g: torch.Generator, sizes: list[int], d: int, c: int, offset: float, spread: float):
+    out = []
+    for k, b in enumerate(sizes):
+        y = torch.arange(b) % c if k == 0 else torch.randint(0, c, (b,), generator=g)
+        x = offset + spread * torch.randn(b, d, generator=g) + 0.3 * y[:, None].float()
+        out.append((x.float(), y))
+    return out
+
+
+def _moment_cases() -> list[Case]:
+    g = _gen(31)
+    return [
+        Case("3 batches, 3 classes, d=4, pixels near 0.5", (_batches(g, [12, 9, 7], 4, 3, 0.5, 0.1), 3)),
+        Case("one batch, 2 classes, d=1", (_batches(g, [6], 1, 2, 0.2, 0.05), 2)),
+        Case("values near 1000 with spread 1 (needs float64 sums)",
+             (_batches(g, [200, 200, 200], 3, 2, 1000.0, 1.0), 2)),
+    ]
+
+
+@exercise("moments.class_moments", title="Streaming class-conditional means and covariances",
+          cases=_moment_cases, compare=_strict_dtype,
+          hint="Keep, per class, the count n_c, the sum of x and the sum of outer products x x^T, in float64 "
+               "(x.double()). At the end: mu_c = sum / n_c and Sigma_c = (sum_xx - n_c mu_c mu_c^T) / (n_c - 1).")
+def class_moments(batches, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """batches: iterable of (x [b, d], y int [b]) -> (means float64 [C, d], covs float64 [C, d, d]),
+    covariances unbiased (divided by n_c - 1)."""
+    fitter = None
+    for x, y in batches:
+        if fitter is None:
+            fitter = M.MomentFitter(num_classes, x.shape[1])
+        fitter.update(x, y)
+    result = fitter.finalize()
+    return result.means, result.covs
+
+
+def _streaming(batches, num_classes, *, center=True, ddof=1, dtype=torch.float64, last_only=False):
+    n = s = ss = None
+    for x, y in batches:
+        d = x.shape[1]
+        if n is None or last_only:
+            n = torch.zeros(num_classes, dtype=dtype)
+            s = torch.zeros(num_classes, d, dtype=dtype)
+            ss = torch.zeros(num_classes, d, d, dtype=dtype)
+        x = x.to(dtype)
+        for c in range(num_classes):
+            xc = x[y == c]
+            n[c] += len(xc)
+            s[c] += xc.sum(0)
+            ss[c] += xc.T @ xc
+    mu = s / n[:, None]
+    if center:
+        cov = (ss - n[:, None, None] * mu[:, :, None] * mu[:, None, :]) / (n - ddof)[:, None, None]
+    else:
+        cov = ss / (n - ddof)[:, None, None]
+    return mu.double(), cov.double()
+
+
+@mistake("moments.class_moments", "centring forgotten (the second moment E[x x^T], not the covariance)",
+         "Subtract the mean: Sigma = (sum x x^T - n mu mu^T) / (n - 1). Without it you get E[x x^T], "
+         "which mixes the mean into the covariance.")
+def _moments_uncentred(batches, num_classes):
+    return _streaming(batches, num_classes, center=False)
+
+
+@mistake("moments.class_moments", "divided by n instead of n - 1",
+         "Use the unbiased covariance, divided by n_c - 1 (as torch.cov does), not by n_c.")
+def _moments_biased(batches, num_classes):
+    return _streaming(batches, num_classes, ddof=0)
+
+
+@mistake("moments.class_moments", "only the last batch counted",
+         "Create the accumulators once, BEFORE the loop over batches; inside the loop only add to them.")
+def _moments_last_batch(batches, num_classes):
+    return _streaming(batches, num_classes, last_only=True)
+
+
+@mistake("moments.class_moments", "sums accumulated in float32",
+         "Accumulate in float64 (x.double()): sum x x^T - n mu mu^T subtracts two large, nearly equal numbers, "
+         "and float32 keeps only about 7 digits.")
+def _moments_float32(batches, num_classes):
+    return _streaming(batches, num_classes, dtype=torch.float32)
+
+
+@mistake("moments.class_moments", "one mean and covariance for all classes",
+         "Select each class's rows (x[y == c]) and keep separate sums for every class.")
+def _moments_pooled(batches, num_classes):
+    xs = torch.cat([x for x, _ in batches]).double()
+    mu, cov = xs.mean(0), torch.cov(xs.T).reshape(xs.shape[1], xs.shape[1])
+    return mu.expand(num_classes, -1).clone(), cov.expand(num_classes, -1, -1).clone()
+
+
+# --- 2. mean shift ----------------------------------------------------------------------------
+def _shift_cases() -> list[Case]:
+    g = _gen(32)
+    return [
+        Case("5 pixel vectors of d=6, some edits leave [0, 1]",
+             (torch.rand(5, 6, generator=g), torch.rand(6, generator=g) * 0.6, torch.rand(6, generator=g) * 0.6)),
+        Case("one vector of d=3", (torch.tensor([[0.0, 0.5, 1.0]]), torch.tensor([0.5, 0.5, 0.5]),
+                                   torch.tensor([0.4, 0.9, 0.2]))),
+        Case("8 vectors of d=12", (torch.rand(8, 12, generator=g), torch.rand(12, generator=g),
+                                   torch.rand(12, generator=g))),
+    ]
+
+
+@exercise("moments.mean_shift", title="First-order edit: shift the class mean", cases=_shift_cases,
+          compare=_loose_dtype,
+          hint="x + mu_t - mu_s, then .clamp(0, 1) so that the result is still a valid image.")
+def mean_shift(x: torch.Tensor, mu_s: torch.Tensor, mu_t: torch.Tensor) -> torch.Tensor:
+    """x: [N, d] in [0, 1]; mu_s, mu_t: [d] -> [N, d], x + mu_t - mu_s clamped to [0, 1]."""
+    return M.mean_shift(x, mu_s, mu_t)
+
+
+@mistake("moments.mean_shift", "sources and targets swapped",
+         "The edit moves the SOURCE class's mean onto the TARGET's: add mu_t and subtract mu_s.")
+def _shift_swapped(x, mu_s, mu_t):
+    return (x + mu_s - mu_t).clamp(0, 1)
+
+
+@mistake("moments.mean_shift", "not clamped to [0, 1]",
+         "Pixels live in [0, 1]: clamp the edited vector with .clamp(0, 1).")
+def _shift_unclamped(x, mu_s, mu_t):
+    return x + mu_t - mu_s
+
+
+@mistake("moments.mean_shift", "the source mean removed but the target mean not added",
+         "Subtracting mu_s centres x; then add mu_t: x - mu_s + mu_t.")
+def _shift_centred_only(x, mu_s, mu_t):
+    return (x - mu_s).clamp(0, 1)
+
+
+@mistake("moments.mean_shift", "every vector replaced by the target mean",
+         "Keep the image: add the DIFFERENCE of the means to x, do not replace x by mu_t.")
+def _shift_replaced(x, mu_s, mu_t):
+    return mu_t.expand_as(x).clamp(0, 1).clone()
+
+
+# --- 3. symmetric square root ---------------------------------------------------------------
+def _sqrt_cases() -> list[Case]:
+    g = _gen(33)
+    q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    singular = q @ torch.diag(torch.tensor([2.0, 1.0, 0.5, -1e-13, -1e-12], dtype=torch.float64)) @ q.T
+    return [
+        Case("an SPD 4x4 matrix", (_spd(4, g),)),
+        Case("a diagonal 3x3 matrix", (torch.diag(torch.tensor([4.0, 9.0, 0.25], dtype=torch.float64)),)),
+        Case("a singular 5x5 covariance whose zero eigenvalues came out slightly negative (round-off)",
+             (singular,)),
+        Case("a batch of two SPD 3x3 matrices", (torch.stack([_spd(3, g), _spd(3, g, 4.0)]),)),
+    ]
+
+
+@exercise("moments.sqrtm_psd", title="The symmetric square root of a covariance", cases=_sqrt_cases,
+          compare=_loose_dtype,
+          hint="evals, V = torch.linalg.eigh(mat); return V @ diag(sqrt(evals.clamp(min=0))) @ V^T, "
+               "written batch-friendly as (V * root[..., None, :]) @ V.transpose(-1, -2).")
+def sqrtm_psd(mat: torch.Tensor) -> torch.Tensor:
+    """mat: symmetric PSD [..., d, d] -> its symmetric square root [..., d, d]."""
+    return M.sqrtm_psd(mat)
+
+
+@mistake("moments.sqrtm_psd", "a Cholesky factor (a square root, but not the symmetric one)",
+         "A Cholesky factor L has L L^T = mat but is lower-triangular, not symmetric, and it is not the "
+         "square root the Monge formula needs. Use eigh: V diag(sqrt(lambda)) V^T.")
+def _sqrt_cholesky(mat):
+    return torch.linalg.cholesky(mat)
+
+
+@mistake("moments.sqrtm_psd", "the square root of every entry",
+         "mat.sqrt() takes the root entry by entry. The MATRIX square root R satisfies R @ R = mat: take the root "
+         "of the eigenvalues, V diag(sqrt(lambda)) V^T.")
+def _sqrt_entrywise(mat):
+    return mat.sqrt()
+
+
+@mistake("moments.sqrtm_psd", "eigenvalues not square-rooted",
+         "V diag(lambda) V^T rebuilds the matrix itself: take sqrt of the eigenvalues.")
+def _sqrt_no_root(mat):
+    evals, evecs = torch.linalg.eigh(mat)
+    return (evecs * evals[..., None, :]) @ evecs.transpose(-1, -2)
+
+
+@mistake("moments.sqrtm_psd", "eigenvectors on the wrong side (V^T diag V)",
+         "torch.linalg.eigh returns the eigenvectors as COLUMNS of V: the root is V diag(sqrt(lambda)) V^T.")
+def _sqrt_wrong_side(mat):
+    evals, evecs = torch.linalg.eigh(mat)
+    return evecs.transpose(-1, -2) @ torch.diag_embed(evals.clamp_min(0).sqrt()) @ evecs
+
+
+@mistake("moments.sqrtm_psd", "tiny negative eigenvalues not clamped (NaN)",
+         "Round-off makes the zero eigenvalues of a singular covariance slightly negative, and sqrt gives NaN: "
+         "use evals.clamp(min=0) before the square root.")
+def _sqrt_unclamped(mat):
+    evals, evecs = torch.linalg.eigh(mat)
+    return (evecs * evals.sqrt()[..., None, :]) @ evecs.transpose(-1, -2)
+
+
+# --- 4. the Gaussian Monge map --------------------------------------------------------------
+def _monge_cases() -> list[Case]:
+    g = _gen(34)
+    return [
+        Case("random SPD 3x3 source and target", (_spd(3, g), _spd(3, g, 2.0))),
+        Case("diagonal 2x2: A = sqrt(Sigma_t / Sigma_s)",
+             (torch.diag(torch.tensor([4.0, 1.0], dtype=torch.float64)),
+              torch.diag(torch.tensor([1.0, 9.0], dtype=torch.float64)))),
+        Case("random SPD 6x6, different scales", (_spd(6, g, 0.01), _spd(6, g, 3.0))),
+        Case("a class to itself: the identity", (_spd(4, g),) * 2),
+    ]
+
+
+def _map_is_symmetric(answer, **_: object) -> str | None:
+    g = _gen(35)
+    A = answer(_spd(5, g), _spd(5, g, 2.0))
+    if not torch.allclose(A, A.transpose(-1, -2), rtol=1e-6, atol=1e-8):
+        return "your map is not symmetric; the optimal map between Gaussians always is"
+    return None
+
+
+@exercise("moments.monge_map", title="The Gaussian Monge map", cases=_monge_cases, compare=_loose_dtype,
+          validate=_map_is_symmetric,
+          hint="With S = cov_s, T = cov_t: A = S^{-1/2} (S^{1/2} T S^{1/2})^{1/2} S^{-1/2}, every root the "
+               "symmetric one (sqrtm / inv_sqrtm).")
+def monge_map(cov_s: torch.Tensor, cov_t: torch.Tensor) -> torch.Tensor:
+    """cov_s, cov_t: SPD [d, d] -> A [d, d], the optimal map N(0, cov_s) -> N(0, cov_t)."""
+    return M.monge_map(cov_s, cov_t)
+
+
+@mistake("moments.monge_map", "a Cholesky factor used as the square root",
+         "Every square root in the formula must be the SYMMETRIC one (eigh), not a Cholesky factor; "
+         "otherwise A is not symmetric and not the optimal map.")
+def _monge_cholesky(cov_s, cov_t):
+    L = torch.linalg.cholesky(cov_s)
+    L_inv = torch.linalg.inv(L)
+    return L_inv @ torch.linalg.cholesky(L.T @ cov_t @ L) @ L_inv
+
+
+@mistake("moments.monge_map", "the inverse square roots are missing",
+         "(S^{1/2} T S^{1/2})^{1/2} is only the middle of the formula: sandwich it between S^{-1/2} on both sides.")
+def _monge_no_inverse(cov_s, cov_t):
+    s = M.sqrtm_psd(cov_s)
+    return M.sqrtm_psd(s @ cov_t @ s)
+
+
+@mistake("moments.monge_map", "sources and targets swapped (the map from target to source)",
+         "The outer roots are of the SOURCE covariance: A = S^{-1/2} (S^{1/2} T S^{1/2})^{1/2} S^{-1/2} with "
+         "S = cov_s. Swapping them gives the inverse map.")
+def _monge_swapped(cov_s, cov_t):
+    return M.monge_map(cov_t, cov_s)
+
+
+@mistake("moments.monge_map", "whiten then re-colour (T^{1/2} S^{-1/2})",
+         "T^{1/2} S^{-1/2} also turns N(0, S) into N(0, T), but it is not symmetric and moves points further "
+         "than needed; the optimal map is S^{-1/2} (S^{1/2} T S^{1/2})^{1/2} S^{-1/2}.")
+def _monge_whiten_colour(cov_s, cov_t):
+    return M.sqrtm_psd(cov_t) @ M.inv_sqrtm_psd(cov_s)
+
+
+@mistake("moments.monge_map", "square roots where the inverse square roots belong",
+         "The outer factors are S^{-1/2} (inverse square roots), not S^{1/2}.")
+def _monge_no_inv(cov_s, cov_t):
+    s = M.sqrtm_psd(cov_s)
+    return s @ M.sqrtm_psd(s @ cov_t @ s) @ s
+
+
+# --- 5. the OT edit -------------------------------------------------------------------------
+def _edit_cases() -> list[Case]:
+    out = []
+    for label, seed, n, d in [("6 vectors, d=4", 36, 6, 4), ("one vector, d=2", 37, 1, 2),
+                              ("10 vectors, d=8", 38, 10, 8)]:
+        g = _gen(seed)
+        A = M.monge_map(_spd(d, g), _spd(d, g, 2.0)).float()
+        out.append(Case(label, (torch.rand(n, d, generator=g), 0.3 + 0.4 * torch.rand(d, generator=g),
+                                0.3 + 0.4 * torch.rand(d, generator=g), A)))
+    return out
+
+
+@exercise("moments.gaussian_edit", title="Second-order edit: apply the Monge map", cases=_edit_cases,
+          compare=_loose_dtype,
+          hint="Centre on the source mean, map, move to the target mean: mu_t + (x - mu_s) @ A "
+               "(A is symmetric, so A^T = A).")
+def gaussian_edit(x: torch.Tensor, mu_s: torch.Tensor, mu_t: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """x: [N, d]; mu_s, mu_t: [d]; A: symmetric [d, d] -> [N, d], mu_t + A (x - mu_s) for each row."""
+    return M.gaussian_edit(x, mu_s, mu_t, A)
+
+
+@mistake("moments.gaussian_edit", "centring forgotten (A applied to x, not to x - mu_s)",
+         "The map acts on the CENTRED image: subtract mu_s before multiplying by A.")
+def _edit_uncentred(x, mu_s, mu_t, A):
+    return mu_t + x @ A
+
+
+@mistake("moments.gaussian_edit", "the target mean not added back",
+         "After mapping the centred image, add the target's mean mu_t.")
+def _edit_no_target(x, mu_s, mu_t, A):
+    return (x - mu_s) @ A
+
+
+@mistake("moments.gaussian_edit", "sources and targets swapped",
+         "Centre on the SOURCE mean and add the TARGET mean: mu_t + (x - mu_s) A.")
+def _edit_swapped(x, mu_s, mu_t, A):
+    return mu_s + (x - mu_t) @ A
+
+
+@mistake("moments.gaussian_edit", "the map A left out (a mean shift)",
+         "That is the first-order edit. Multiply the centred image by A: mu_t + (x - mu_s) @ A.")
+def _edit_mean_only(x, mu_s, mu_t, A):
+    return x + mu_t - mu_s
+
+
+# --- 6. PSNR --------------------------------------------------------------------------------
+def _psnr_cases() -> list[Case]:
+    g = _gen(39)
+    x = torch.rand(4, 3, 8, 8, generator=g)
+    y = (x + 0.05 * torch.randn(4, 3, 8, 8, generator=g)).clamp(0, 1)
+    x2 = torch.rand(1, 3, 4, 4, generator=g)
+    x3 = torch.rand(3, 3, 5, 5, generator=g)
+    return [
+        Case("4 images with a little noise", (x, y)),
+        Case("one image, large change", (x2, 1 - x2)),
+        Case("3 images, differences of different sizes",
+             (x3, (x3 + torch.tensor([0.01, 0.1, 0.3])[:, None, None, None]).clamp(0, 1))),
+    ]
+
+
+@exercise("moments.psnr", title="How big is an edit? PSNR", cases=_psnr_cases, compare=_loose_dtype,
+          hint="Per image: mse = ((x - y) ** 2).flatten(1).mean(1); psnr = 10 * torch.log10(1 / mse) "
+               "(the peak value is 1 for images in [0, 1]).")
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x, y: images [N, 3, H, W] in [0, 1] -> [N], 10 log10(1 / mean squared difference) per image, in dB."""
+    return M.psnr(x, y)
+
+
+@mistake("moments.psnr", "peak 255 for images in [0, 1]",
+         "These images are in [0, 1], so the peak value is 1: 10 log10(1 / mse), not 10 log10(255^2 / mse).")
+def _psnr_255(x, y):
+    return M.psnr(x, y, peak=255.0)
+
+
+@mistake("moments.psnr", "natural log instead of log10",
+         "Decibels use log base 10: torch.log10.")
+def _psnr_ln(x, y):
+    mse = ((x - y) ** 2).flatten(1).mean(1)
+    return 10 * torch.log(1 / mse)
+
+
+@mistake("moments.psnr", "one number for the whole batch",
+         "Average the squared difference over each image's pixels only (flatten(1).mean(1)), "
+         "giving one PSNR per image.")
+def _psnr_batch(x, y):
+    return 10 * torch.log10(1 / ((x - y) ** 2).mean())
+
+
+@mistake("moments.psnr", "RMSE in place of MSE",
+         "PSNR is 10 log10(peak^2 / MSE): the mean of the SQUARED differences, without a square root "
+         "(or equivalently 20 log10(peak / RMSE)).")
+def _psnr_rmse(x, y):
+    rmse = ((x - y) ** 2).flatten(1).mean(1).sqrt()
+    return 10 * torch.log10(1 / rmse)

@@ -1,0 +1,570 @@
+"""Moment editing: class-conditional means and covariances, and the edits that move them.
+
+Belrose et al. (2024), "Neural Networks Learn Statistics of Increasing Complexity" (ICML,
+arXiv:2402.04362): early in training a network's predictions depend on the class means, later
+on the covariances, later still on higher-order statistics. The probe is an *edit*: move an
+image's first moment (a mean shift) or its first two moments (the Gaussian optimal-transport,
+or Monge, map) from its class onto another class's, and ask the network what it sees.
+
+    from course_utils.moments import GaussianEditor, pixels
+
+    editor = GaussianEditor.fit(train_images, train_labels, num_classes=10)   # moments + maps
+    edited = editor.edit(test_images, source=test_labels, target=targets)     # [N, 3, 32, 32]
+
+The pieces, each a closed form that reads like the paper:
+
+- `MomentFitter` -> `ClassMoments`: streaming per-class mean and covariance, accumulated in
+  float64 (`update(x, y)` batch by batch, then `finalize()`).
+- `sqrtm_psd`, `inv_sqrtm_psd`: symmetric matrix (inverse) square roots through `eigh`, batched.
+- `monge_map(cov_s, cov_t) -> A`: `A = S^{-1/2} (S^{1/2} T S^{1/2})^{1/2} S^{-1/2}`, the optimal
+  map between centred Gaussians; the edit is `x' = mu_t + A (x - mu_s)`.
+- `mean_shift`, `gaussian_edit`, `sample_gaussian`, `quantile_edit` (coordinatewise quantiles: a
+  higher-order edit), `psnr`.
+- `class_moments_reference`, `sqrtm_reference`: plain one-shot PyTorch versions, the ground
+  truth that faster kernels can be tested against.
+
+Images are handled as vectors of pixels in [0, 1]: `pixels(images, resolution)` flattens
+`[N, 3, 32, 32]` into `[N, 3*r*r]`, optionally average-pooled to `r x r` (fast mode works at
+16 x 16 = 768 dimensions, where a full eigendecomposition takes a fraction of a second), and
+`apply_delta` puts a low-resolution edit back onto the full-resolution image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import permutations
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = [
+    "ClassMoments",
+    "ClassQuantiles",
+    "GaussianEditor",
+    "MomentFitter",
+    "apply_delta",
+    "class_roots",
+    "class_moments_reference",
+    "fit_class_moments",
+    "gaussian_edit",
+    "inv_sqrtm_psd",
+    "mean_shift",
+    "monge_map",
+    "monge_maps",
+    "pixels",
+    "psnr",
+    "quantile_edit",
+    "random_targets",
+    "relative_error",
+    "sample_gaussian",
+    "sqrtm_psd",
+    "sqrtm_reference",
+    "to_images",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Images <-> pixel vectors
+# --------------------------------------------------------------------------------------------
+def _as_float_images(images: torch.Tensor) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        images = torch.as_tensor(images)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [N, 3, H, W] (channels first), got shape {list(images.shape)}")
+    if images.dtype == torch.uint8:
+        return images.float() / 255.0
+    if not torch.is_floating_point(images):
+        raise TypeError(f"images must be uint8 (0..255) or float (0..1), got {images.dtype}")
+    return images.float()
+
+
+def pixels(images: torch.Tensor, resolution: int | None = None) -> torch.Tensor:
+    """Images as pixel vectors in [0, 1].
+
+    `images`: uint8 (0..255) or float (0..1) `[N, 3, H, W]` -> float32 `[N, 3*r*r]`, channel-major
+    (`reshape(N, -1)` order), where `r = resolution` (default `H`). When `r < H`, each `H/r x H/r`
+    block is averaged first (`r` must divide `H`).
+    """
+    x = _as_float_images(images)
+    h = x.shape[-1]
+    r = h if resolution is None else int(resolution)
+    if x.shape[-2] != h:
+        raise ValueError(f"images must be square, got {list(x.shape[-2:])}")
+    if r < 1 or h % r:
+        raise ValueError(f"resolution must divide the image size {h} (e.g. {h} or {h // 2}), got {resolution}")
+    if r != h:
+        x = F.avg_pool2d(x, h // r)
+    return x.reshape(len(x), -1)
+
+
+def to_images(vectors: torch.Tensor, size: int = 32, clamp: bool = True) -> torch.Tensor:
+    """Pixel vectors `[N, 3*r*r]` -> float images `[N, 3, size, size]` (nearest upsampling when
+    `r < size`), clamped to [0, 1] unless `clamp=False`."""
+    n, d = vectors.shape
+    r = int(round((d / 3) ** 0.5))
+    if 3 * r * r != d:
+        raise ValueError(f"vectors must have 3*r*r entries per row, got {d}")
+    x = vectors.float().reshape(n, 3, r, r)
+    if r != size:
+        if size % r:
+            raise ValueError(f"size {size} must be a multiple of the vectors' resolution {r}")
+        x = x.repeat_interleave(size // r, dim=2).repeat_interleave(size // r, dim=3)
+    return x.clamp(0, 1) if clamp else x
+
+
+def apply_delta(images: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
+                clamp: bool = True) -> torch.Tensor:
+    """Add an edit made on pixel vectors back onto the images.
+
+    `images` `[N, 3, H, W]`; `before`, `after` `[N, 3*r*r]` (`before = pixels(images, r)`).
+    Returns float `[N, 3, H, W]`: `images + upsample(after - before)`, so that
+    `pixels(result, r) == after` exactly (before clamping) while the detail finer than `r x r`
+    is left as it was. Clamped to [0, 1] unless `clamp=False`.
+    """
+    x = _as_float_images(images)
+    if before.shape != after.shape or before.shape[0] != x.shape[0]:
+        raise ValueError(f"before {list(before.shape)} and after {list(after.shape)} must both be "
+                         f"[N, 3*r*r] with N = {x.shape[0]} images")
+    out = x + to_images((after - before).to(x), size=x.shape[-1], clamp=False)
+    return out.clamp(0, 1) if clamp else out
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming class-conditional moments
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ClassMoments:
+    """Per-class first and second moments (the frozen result of `MomentFitter`).
+
+    - `means`: float64 `[C, d]`
+    - `covs`: float64 `[C, d, d]`, unbiased (divided by `n_c - 1`)
+    - `counts`: int64 `[C]`, the number of samples of each class
+    """
+
+    means: torch.Tensor
+    covs: torch.Tensor
+    counts: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ClassMoments":
+        """The same moments on `device` / in `dtype` (counts stay int64)."""
+        return ClassMoments(self.means.to(device=device, dtype=dtype), self.covs.to(device=device, dtype=dtype),
+                            self.counts.to(device=device))
+
+    def __repr__(self) -> str:
+        return (f"ClassMoments(classes={self.num_classes}, dim={self.dim}, "
+                f"counts={self.counts.tolist()}, dtype={self.means.dtype})")
+
+
+@dataclass(eq=False)
+class MomentFitter:
+    """Streaming per-class mean and covariance, accumulated in float64.
+
+        fitter = MomentFitter(num_classes=10, dim=3072)
+        for x, y in batches:          # x: [b, d] (or images [b, 3, H, W]), y: int [b]
+            fitter.update(x, y)
+        moments = fitter.finalize()   # ClassMoments(means [C, d], covs [C, d, d], counts [C])
+
+    Keeps `n_c`, `sum_c x` and `sum_c x x^T` per class; `finalize` returns
+    `mu_c = sum x / n_c` and `Sigma_c = (sum x x^T - n_c mu_c mu_c^T) / (n_c - 1)`.
+    """
+
+    num_classes: int
+    dim: int
+    device: str | torch.device = "cpu"
+    counts: torch.Tensor = field(init=False, repr=False)
+    sums: torch.Tensor = field(init=False, repr=False)
+    outer: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1 or self.dim < 1:
+            raise ValueError(f"num_classes and dim must be positive, got {self.num_classes}, {self.dim}")
+        kw = dict(device=self.device, dtype=torch.float64)
+        self.counts = torch.zeros(self.num_classes, device=self.device, dtype=torch.int64)
+        self.sums = torch.zeros(self.num_classes, self.dim, **kw)
+        self.outer = torch.zeros(self.num_classes, self.dim, self.dim, **kw)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> "MomentFitter":
+        """Add a batch: `x` `[b, d]` (images `[b, 3, H, W]` are flattened), `y` int `[b]`."""
+        if x.ndim > 2:
+            x = x.reshape(len(x), -1)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must be [batch, {self.dim}], got shape {list(x.shape)}")
+        y = torch.as_tensor(y, device=x.device)
+        if y.shape != (len(x),) or y.is_floating_point():
+            raise ValueError(f"y must be integer class indices of shape [{len(x)}], got {y.dtype} {list(y.shape)}")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(f"labels must be in 0..{self.num_classes - 1}, got {int(y.min())}..{int(y.max())}")
+        x = x.to(self.device, torch.float64)
+        y = y.to(self.device).long()
+        self.counts += torch.bincount(y, minlength=self.num_classes)
+        self.sums.index_add_(0, y, x)
+        for c in torch.unique(y).tolist():
+            xc = x[y == c]
+            self.outer[c] += xc.T @ xc
+        return self
+
+    def finalize(self) -> ClassMoments:
+        """The means and unbiased covariances so far. Every class needs at least 2 samples."""
+        few = [c for c, n in enumerate(self.counts.tolist()) if n < 2]
+        if few:
+            raise ValueError(f"classes {few} have fewer than 2 samples: a covariance needs at least 2. "
+                             f"Feed more data (or fewer classes) before finalize().")
+        n = self.counts.to(torch.float64)
+        means = self.sums / n[:, None]
+        covs = (self.outer - n[:, None, None] * means[:, :, None] * means[:, None, :]) / (n - 1)[:, None, None]
+        covs = 0.5 * (covs + covs.transpose(-1, -2))
+        return ClassMoments(means, covs, self.counts.clone())
+
+
+def class_moments_reference(x: torch.Tensor, y: torch.Tensor, num_classes: int
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One-shot per-class moments, the plain reference: `x` `[N, d]`, `y` int `[N]` ->
+    `(means float64 [C, d], covs float64 [C, d, d] (unbiased), counts int64 [C])`."""
+    x = x.reshape(len(x), -1).double()
+    means, covs, counts = [], [], []
+    for c in range(num_classes):
+        xc = x[y == c]
+        means.append(xc.mean(0))
+        covs.append(torch.cov(xc.T).reshape(x.shape[1], x.shape[1]))
+        counts.append(len(xc))
+    return torch.stack(means), torch.stack(covs), torch.tensor(counts, dtype=torch.int64)
+
+
+def fit_class_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, batch_size: int = 2048,
+                      device: str | torch.device | None = None, progress: bool = True) -> ClassMoments:
+    """`MomentFitter` over `x` `[N, d]` in batches of `batch_size`, with a progress bar.
+    `device`: where the float64 sums live (default: CUDA when available, else the CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    fitter = MomentFitter(num_classes, x.shape[1], device)
+    for i in tqdm(range(0, len(x), batch_size), desc="class moments", disable=not progress):
+        fitter.update(x[i:i + batch_size], y[i:i + batch_size])
+    return fitter.finalize()
+
+
+# --------------------------------------------------------------------------------------------
+# Symmetric matrix square roots
+# --------------------------------------------------------------------------------------------
+def _sym(mat: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (mat + mat.transpose(-1, -2))
+
+
+def _check_square(mat: torch.Tensor, name: str = "mat") -> None:
+    if mat.ndim < 2 or mat.shape[-1] != mat.shape[-2]:
+        raise ValueError(f"{name} must be a (batch of) square matrices [..., d, d], got {list(mat.shape)}")
+
+
+def _add_ridge(mat: torch.Tensor, ridge: float) -> torch.Tensor:
+    """`mat + ridge * (trace / d) * I`: a ridge relative to the mean eigenvalue."""
+    if ridge <= 0:
+        return mat
+    d = mat.shape[-1]
+    scale = torch.diagonal(mat, dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    return mat + ridge * scale * torch.eye(d, dtype=mat.dtype, device=mat.device)
+
+
+def _eig_powers(mat: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """From one `eigh`: `(mat^{1/2}, mat^{-1/2})` of `mat + ridge*(tr/d)*I`, batched `[..., d, d]`."""
+    evals, evecs = torch.linalg.eigh(_sym(_add_ridge(mat, ridge)))
+    top = evals.amax(-1, keepdim=True).clamp_min(torch.finfo(evals.dtype).tiny)
+    if bool((evals <= top * 1e3 * torch.finfo(evals.dtype).eps).any()):
+        worst = float((evals / top).min())
+        raise ValueError(f"the matrix is singular or not positive definite (smallest/largest eigenvalue "
+                         f"{worst:.2e}); its inverse square root does not exist. Pass ridge > 0 "
+                         f"(e.g. ridge=1e-3) to add a small multiple of the identity.")
+    root = evals.sqrt()
+    half = (evecs * root[..., None, :]) @ evecs.transpose(-1, -2)
+    inv_half = (evecs / root[..., None, :]) @ evecs.transpose(-1, -2)
+    return _sym(half), _sym(inv_half)
+
+
+def sqrtm_psd(mat: torch.Tensor) -> torch.Tensor:
+    """The symmetric PSD square root `mat^{1/2} = V diag(sqrt(max(lambda, 0))) V^T`.
+
+    `mat`: symmetric positive semi-definite `[..., d, d]` (batched) -> `[..., d, d]`, symmetric,
+    with `root @ root == mat`. Tiny negative eigenvalues from round-off are clamped to 0.
+    """
+    _check_square(mat)
+    evals, evecs = torch.linalg.eigh(_sym(mat))
+    return _sym((evecs * evals.clamp_min(0).sqrt()[..., None, :]) @ evecs.transpose(-1, -2))
+
+
+def inv_sqrtm_psd(mat: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """The symmetric inverse square root `(mat + ridge * (tr/d) I)^{-1/2}`, batched `[..., d, d]`.
+
+    Raises a `ValueError` asking for `ridge > 0` when the matrix is (numerically) singular.
+    """
+    _check_square(mat)
+    return _eig_powers(mat, ridge)[1]
+
+
+def sqrtm_reference(mat: torch.Tensor) -> torch.Tensor:
+    """Plain reference for `sqrtm_psd` (one matrix `[d, d]`, float64 eigh)."""
+    evals, evecs = torch.linalg.eigh(_sym(mat.double()))
+    return (evecs @ torch.diag(evals.clamp_min(0).sqrt()) @ evecs.T).to(mat.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The Gaussian Monge map and the edits
+# --------------------------------------------------------------------------------------------
+def monge_map(cov_s: torch.Tensor, cov_t: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """The optimal transport map between centred Gaussians `N(0, cov_s) -> N(0, cov_t)`.
+
+        A = S^{-1/2} (S^{1/2} T S^{1/2})^{1/2} S^{-1/2},   S = cov_s, T = cov_t
+
+    `cov_s`, `cov_t`: SPD `[..., d, d]` (batched; they broadcast) -> `A` `[..., d, d]`, symmetric
+    positive definite, with `A S A = T`. Same convention as POT's
+    `ot.gaussian.bures_wasserstein_mapping`. `ridge > 0` first adds `ridge * (tr/d) * I` to both
+    covariances (for ill-conditioned sample covariances); then `A` maps the ridged ones exactly.
+    """
+    _check_square(cov_s, "cov_s")
+    _check_square(cov_t, "cov_t")
+    if cov_s.shape[-1] != cov_t.shape[-1]:
+        raise ValueError(f"cov_s {list(cov_s.shape)} and cov_t {list(cov_t.shape)} must have the same d")
+    s_half, s_inv_half = _eig_powers(cov_s, ridge)
+    middle = sqrtm_psd(s_half @ _add_ridge(_sym(cov_t), ridge) @ s_half)
+    return _sym(s_inv_half @ middle @ s_inv_half)
+
+
+def mean_shift(x: torch.Tensor, mu_s: torch.Tensor, mu_t: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    """First-order edit `x + mu_t - mu_s`, clamped to [0, 1]. `x` `[N, d]`, `mu_*` `[d]` or `[N, d]`."""
+    out = x + (mu_t - mu_s).to(x.dtype)
+    return out.clamp(0, 1) if clamp else out
+
+
+def gaussian_edit(x: torch.Tensor, mu_s: torch.Tensor, mu_t: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Second-order edit `x' = mu_t + A (x - mu_s)` for row vectors: `x` `[N, d]`, `mu_*` `[d]`,
+    `A` symmetric `[d, d]` -> `[N, d]` (not clamped, so that its moments are exact)."""
+    A = A.to(x.dtype)
+    return mu_t.to(x.dtype) + (x - mu_s.to(x.dtype)) @ A.T
+
+
+def sample_gaussian(mean: torch.Tensor, cov: torch.Tensor, n: int,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """`n` samples of `N(mean, cov)`: `mean` `[d]`, `cov` PSD `[d, d]` -> `[n, d]` (float32 unless the
+    inputs are float64). Uses the symmetric square root, so singular covariances are fine."""
+    mean64, cov64 = mean.double(), cov.double()
+    z = torch.randn(n, mean.shape[-1], generator=generator, dtype=torch.float64,
+                    device=generator.device if generator is not None else mean.device).to(mean.device)
+    out = mean64 + z @ sqrtm_psd(cov64)
+    return out if mean.dtype == torch.float64 else out.float()
+
+
+def random_targets(labels: torch.Tensor, num_classes: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each label, a target class drawn uniformly from the OTHER classes. `labels` `[N]` -> `[N]`."""
+    offset = torch.randint(1, num_classes, labels.shape, generator=generator).to(labels.device)
+    return (labels + offset) % num_classes
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """`||actual - expected||_F / ||expected||_F` (float64)."""
+    return float((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-300))
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, peak: float = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio per image, in dB: `10 log10(peak^2 / mean((x - y)^2))`.
+
+    `x`, `y`: `[N, ...]` in the same units as `peak` -> `[N]`.
+    """
+    mse = ((x.double() - y.double()) ** 2).reshape(len(x), -1).mean(1)
+    return (10 * torch.log10(peak ** 2 / mse)).to(torch.float32 if x.dtype != torch.float64 else x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Coordinatewise quantiles (an edit that also moves higher-order marginal statistics)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ClassQuantiles:
+    """`levels` `[q]` in [0, 1] and `values` `[C, q, d]`: each coordinate's quantiles per class."""
+
+    levels: torch.Tensor
+    values: torch.Tensor
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, y: torch.Tensor, num_classes: int, q: int = 65) -> "ClassQuantiles":
+        """Quantiles of every coordinate of `x` `[N, d]` within each class of `y` `[N]`."""
+        levels = torch.linspace(0, 1, q, dtype=torch.float32)
+        vals = [torch.quantile(x[y == c].float(), levels.to(x.device), dim=0) for c in range(num_classes)]
+        return cls(levels, torch.stack(vals))
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation per column: `x` `[N, d]`, `xp`/`fp` `[q, d]` increasing in q."""
+    xpt, fpt = xp.T.contiguous(), fp.T.contiguous()  # [d, q]
+    xt = x.T.contiguous()  # [d, N]
+    idx = torch.searchsorted(xpt, xt).clamp(1, xpt.shape[1] - 1)
+    x0, x1 = xpt.gather(1, idx - 1), xpt.gather(1, idx)
+    f0, f1 = fpt.gather(1, idx - 1), fpt.gather(1, idx)
+    w = ((xt - x0) / (x1 - x0).clamp_min(1e-12)).clamp(0, 1)
+    return (f0 + w * (f1 - f0)).T
+
+
+def quantile_edit(x: torch.Tensor, q_s: torch.Tensor, q_t: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Coordinatewise quantile matching `x'_i = F_t,i^{-1}(F_s,i(x_i))`: every pixel's marginal
+    distribution moves from the source class's to the target's. `x` `[N, d]`, `q_s`, `q_t`
+    `[q, d]` quantile values at `levels` `[q]` -> `[N, d]`."""
+    ranks = _interp(x.float(), q_s.float(), levels.float()[:, None].expand_as(q_s).contiguous())
+    return _interp(ranks, levels.float()[:, None].expand_as(q_t).contiguous(), q_t.float())
+
+
+# --------------------------------------------------------------------------------------------
+# The editor: every class's moments, the pairwise maps, batched edits
+# --------------------------------------------------------------------------------------------
+def class_roots(covs: torch.Tensor, classes: Sequence[int] | None = None, *, ridge: float = 1e-3,
+                chunk: int = 8) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """`{c: (Sigma_c^{1/2}, Sigma_c^{-1/2})}` of the ridged covariances `covs` `[C, d, d]`, one batched
+    `eigh` per chunk of classes (default: every class)."""
+    classes = list(range(len(covs))) if classes is None else sorted(set(classes))
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for k in range(0, len(classes), chunk):
+        group = classes[k:k + chunk]
+        h, ih = _eig_powers(covs[group], ridge)
+        out.update({c: (h[i], ih[i]) for i, c in enumerate(group)})
+    return out
+
+
+def monge_maps(moments: ClassMoments, pairs: Sequence[tuple[int, int]], *, ridge: float = 1e-3,
+               chunk: int = 8, dtype: torch.dtype = torch.float32, progress: bool = True,
+               roots: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+    """The Monge maps of many class pairs, batched: `[len(pairs), d, d]` in `dtype`.
+
+    One `eigh` per source class for `Sigma_s^{+-1/2}` (or pass them as `roots`, from
+    `class_roots`), then one batched `eigh` per chunk of pairs for the middle square root, all on
+    the moments' device (the GPU, when they are there).
+    """
+    covs = moments.covs
+    if roots is None:
+        roots = class_roots(covs, [s for s, _ in pairs], ridge=ridge, chunk=chunk)
+    out = torch.empty(len(pairs), moments.dim, moments.dim, dtype=dtype, device=covs.device)
+    for k in tqdm(range(0, len(pairs), chunk), desc="Monge maps", disable=not progress):
+        part = pairs[k:k + chunk]
+        h = torch.stack([roots[s][0] for s, _ in part])
+        ih = torch.stack([roots[s][1] for s, _ in part])
+        t = _add_ridge(covs[[t for _, t in part]], ridge)
+        out[k:k + len(part)] = _sym(ih @ sqrtm_psd(h @ t @ h) @ ih).to(dtype)
+    return out
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianEditor:
+    """Every class's Gaussian moments and the Monge maps between pairs of classes.
+
+    Build it with `GaussianEditor.fit(images, labels, num_classes=10, resolution=16)`. Then
+    `edit(images, source, target)` moves each image's first two moments from class `source[i]`
+    to class `target[i]`; `mean_shift(...)` moves only the first; `sample(c, n)` draws synthetic
+    images from `N(mu_c, Sigma_c)`. Edits are made on `resolution x resolution` pixel vectors
+    and added back onto the full-size images (`apply_delta`), then clamped to [0, 1].
+
+    - `moments`: `ClassMoments` (float64, on `device`)
+    - `pairs`: the `(source, target)` pairs whose maps were computed; `maps`: `[P, d, d]` float32
+    - `roots`: every class's `Sigma_c^{1/2}` `[C, d, d]` float32 (for sampling)
+    """
+
+    moments: ClassMoments
+    pairs: tuple[tuple[int, int], ...]
+    maps: torch.Tensor = field(repr=False)
+    roots: torch.Tensor = field(repr=False)
+    resolution: int = 32
+    ridge: float = 1e-3
+
+    @classmethod
+    def fit(cls, images: torch.Tensor, labels: torch.Tensor, *, num_classes: int = 10,
+            resolution: int | None = None, pairs: Iterable[tuple[int, int]] | None = None, ridge: float = 1e-3,
+            device: str | torch.device | None = None, batch_size: int = 2048,
+            progress: bool = True) -> "GaussianEditor":
+        """Fit per-class moments of `images` `[N, 3, H, W]` (labels `[N]`) at `resolution` and the
+        Monge maps of `pairs` (default: all `C*(C-1)` ordered pairs of different classes).
+        `resolution`: the side of the pixel grid the moments live on (default: the image size).
+
+        `device`: where the linear algebra runs (default: CUDA when available).
+        """
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        resolution = int(images.shape[-1]) if resolution is None else int(resolution)
+        fitter = MomentFitter(num_classes, 3 * resolution * resolution, device)
+        for i in tqdm(range(0, len(images), batch_size), desc="class moments", disable=not progress):
+            fitter.update(pixels(images[i:i + batch_size].to(device), resolution), labels[i:i + batch_size])
+        return cls.from_moments(fitter.finalize(), resolution=resolution, pairs=pairs, ridge=ridge,
+                                progress=progress)
+
+    @classmethod
+    def from_moments(cls, moments: ClassMoments, *, resolution: int,
+                     pairs: Iterable[tuple[int, int]] | None = None, ridge: float = 1e-3,
+                     progress: bool = True) -> "GaussianEditor":
+        """An editor from moments already fitted on `pixels(images, resolution)`: computes every
+        class's `Sigma_c^{1/2}` and the Monge maps of `pairs` (default: all ordered pairs), with
+        `ridge * (tr/d) * I` added to every covariance."""
+        c = moments.num_classes
+        if moments.dim != 3 * resolution * resolution:
+            raise ValueError(f"the moments have dim {moments.dim}, but resolution {resolution} means "
+                             f"3*{resolution}*{resolution} = {3 * resolution * resolution}")
+        pairs = tuple(permutations(range(c), 2)) if pairs is None else tuple((int(s), int(t)) for s, t in pairs)
+        bad = [p for p in pairs if not (0 <= p[0] < c and 0 <= p[1] < c)]
+        if bad:
+            raise ValueError(f"pairs must be (source, target) classes in 0..{c - 1}, got {bad[:3]}")
+        roots = class_roots(moments.covs, ridge=ridge)
+        maps = monge_maps(moments, list(pairs), ridge=ridge, progress=progress, roots=roots)
+        halves = torch.stack([roots[k][0] for k in range(c)]).float()
+        return cls(moments, pairs, maps, halves, resolution, ridge)
+
+    def map(self, source: int, target: int) -> torch.Tensor:
+        """The Monge map `A` `[d, d]` from class `source` to class `target` (identity if equal)."""
+        if source == target:
+            return torch.eye(self.moments.dim, dtype=self.maps.dtype, device=self.maps.device)
+        try:
+            return self.maps[self.pairs.index((int(source), int(target)))]
+        except ValueError:
+            raise KeyError(f"no map for the pair ({source}, {target}); fit the editor with it in `pairs` "
+                           f"(fitted pairs: {list(self.pairs)[:6]}...)") from None
+
+    def _by_pair(self, images: torch.Tensor, source, target, edit_fn) -> torch.Tensor:
+        n = len(images)
+        source = torch.as_tensor(source).long().expand(n).cpu() if torch.as_tensor(source).ndim == 0 \
+            else torch.as_tensor(source).long().cpu()
+        target = torch.as_tensor(target).long().expand(n).cpu() if torch.as_tensor(target).ndim == 0 \
+            else torch.as_tensor(target).long().cpu()
+        if len(source) != n or len(target) != n:
+            raise ValueError(f"source and target must be ints or [N] class tensors with N = {n}")
+        dev = self.moments.means.device
+        before = pixels(images, self.resolution).to(dev)
+        after = before.clone()
+        for s, t in torch.unique(torch.stack([source, target], 1), dim=0).tolist():
+            rows = ((source == s) & (target == t)).nonzero().flatten().to(dev)
+            after[rows] = edit_fn(before[rows], s, t)
+        return apply_delta(images.to(dev), before, after).to(images.device)
+
+    def edit(self, images: torch.Tensor, source, target) -> torch.Tensor:
+        """Gaussian OT edit `x' = mu_t + A_{s->t} (x - mu_s)` of `images` `[N, 3, H, W]`;
+        `source`, `target`: ints or `[N]` classes -> float `[N, 3, H, W]` in [0, 1]."""
+        m = self.moments.means.float()
+        return self._by_pair(images, source, target,
+                             lambda x, s, t: gaussian_edit(x, m[s], m[t], self.map(s, t)))
+
+    def mean_shift(self, images: torch.Tensor, source, target) -> torch.Tensor:
+        """First-order edit `x + mu_t - mu_s` of `images` `[N, 3, H, W]` -> float, clamped to [0, 1]."""
+        m = self.moments.means.float()
+        return self._by_pair(images, source, target, lambda x, s, t: mean_shift(x, m[s], m[t], clamp=False))
+
+    def sample(self, c: int, n: int, generator: torch.Generator | None = None, size: int = 32) -> torch.Tensor:
+        """`n` synthetic images `[n, 3, size, size]` in [0, 1] drawn from `N(mu_c, Sigma_c)` (the
+        ridged covariance: `mu_c + z Sigma_c^{1/2}`, `z ~ N(0, I)`)."""
+        mean, root = self.moments.means[c].float(), self.roots[c]
+        z = torch.randn(n, len(mean), generator=generator,
+                        device=generator.device if generator is not None else mean.device).to(mean.device)
+        return to_images(mean + z @ root, size=size)
+
+    def sample_all(self, per_class: int, generator: torch.Generator | None = None,
+                   size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """`per_class` synthetic images of every class: `(images [C*per_class, 3, size, size], labels [C*per_class])`."""
+        imgs = [self.sample(c, per_class, generator, size) for c in range(self.moments.num_classes)]
+        labels = torch.arange(self.moments.num_classes).repeat_interleave(per_class)
+        return torch.cat(imgs).cpu(), labels

@@ -1,0 +1,300 @@
+"""Tests for course_utils.moments (notebook 03): the Monge map against POT and by hand, its
+invariants, streaming moments, the editor, the checks' known mistakes, and the plots."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from course_utils import moments as M
+
+
+def _spd(d: int, seed: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(d, d + 3, generator=g, dtype=torch.float64)
+    return scale * (x @ x.T / (d + 3) + 0.05 * torch.eye(d, dtype=torch.float64))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+# --------------------------------------------------------------------------------------------
+# The Monge map
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("d", [2, 3, 10, 50, 128])
+def test_monge_map_matches_pot(d: int) -> None:
+    ot = pytest.importorskip("ot")
+    S, T = _spd(d, d), _spd(d, 1000 + d, scale=3.0)
+    A = M.monge_map(S, T)
+    # POT: bures_wasserstein_mapping(ms, mt, Cs, Ct) -> (A, b), with x -> x A + b (row vectors)
+    A_pot, b_pot = ot.gaussian.bures_wasserstein_mapping(np.zeros(d), np.zeros(d), S.numpy(), T.numpy())
+    A_pot = torch.as_tensor(np.asarray(A_pot))
+    assert _rel(A, A_pot) < 1e-5
+    mu_s, mu_t = torch.rand(d, dtype=torch.float64), torch.rand(d, dtype=torch.float64)
+    _, b = ot.gaussian.bures_wasserstein_mapping(mu_s.numpy(), mu_t.numpy(), S.numpy(), T.numpy())
+    x = torch.randn(7, d, dtype=torch.float64)
+    ours = M.gaussian_edit(x, mu_s, mu_t, A)
+    theirs = x @ A_pot + torch.as_tensor(np.asarray(b)).reshape(1, d)
+    assert _rel(ours, theirs) < 1e-5
+
+
+def test_monge_map_hand_computed_2d() -> None:
+    # diagonal covariances: A = diag(sqrt(t_i / s_i))
+    S = torch.diag(torch.tensor([4.0, 0.25], dtype=torch.float64))
+    T = torch.diag(torch.tensor([1.0, 9.0], dtype=torch.float64))
+    A = M.monge_map(S, T)
+    assert torch.allclose(A, torch.diag(torch.tensor([0.5, 6.0], dtype=torch.float64)), atol=1e-12)
+    # a rotated pair: S = R diag(s) R^T, T = R diag(t) R^T commute, so A = R diag(sqrt(t/s)) R^T
+    c, s = np.cos(0.3), np.sin(0.3)
+    R = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    S2 = R @ torch.diag(torch.tensor([2.0, 0.5], dtype=torch.float64)) @ R.T
+    T2 = R @ torch.diag(torch.tensor([8.0, 0.125], dtype=torch.float64)) @ R.T
+    expected = R @ torch.diag(torch.tensor([2.0, 0.5], dtype=torch.float64)) @ R.T
+    assert torch.allclose(M.monge_map(S2, T2), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("d", [2, 8, 40])
+def test_monge_map_invariants(d: int) -> None:
+    S, T = _spd(d, 7 * d, 0.5), _spd(d, 7 * d + 1, 2.0)
+    A = M.monge_map(S, T)
+    assert _rel(A @ S @ A, T) < 1e-10                      # pushes N(0, S) onto N(0, T)
+    assert torch.equal(A, A.T)                              # symmetric
+    assert torch.linalg.eigvalsh(A).min() > 0               # positive definite
+    assert torch.allclose(M.monge_map(S, S), torch.eye(d, dtype=torch.float64), atol=1e-9)  # class -> itself
+    assert _rel(M.monge_map(T, S), torch.linalg.inv(A)) < 1e-8  # the reverse map is the inverse
+
+
+def test_monge_map_batched_and_ridge() -> None:
+    S = torch.stack([_spd(5, 1), _spd(5, 2)])
+    T = torch.stack([_spd(5, 3), _spd(5, 4)])
+    A = M.monge_map(S, T)
+    for k in range(2):
+        assert torch.allclose(A[k], M.monge_map(S[k], T[k]), atol=1e-10)
+    # a singular covariance needs a ridge; with it, the map is exact for the ridged covariances
+    v = torch.randn(5, 2, dtype=torch.float64)
+    singular = v @ v.T
+    with pytest.raises(ValueError, match="ridge"):
+        M.monge_map(singular, T[0])
+    A_r = M.monge_map(singular, T[0], ridge=1e-3)
+    ridged = lambda m: m + 1e-3 * m.diagonal().mean() * torch.eye(5, dtype=torch.float64)  # noqa: E731
+    assert _rel(A_r @ ridged(singular) @ A_r, ridged(T[0])) < 1e-8
+
+
+def test_edited_samples_have_the_target_moments() -> None:
+    g = torch.Generator().manual_seed(0)
+    d, n = 6, 400
+    xs = M.sample_gaussian(torch.rand(d, dtype=torch.float64), _spd(d, 11), n, g)
+    xt = M.sample_gaussian(torch.rand(d, dtype=torch.float64) + 1, _spd(d, 12, 4.0), n, g)
+    mu_s, cov_s = xs.mean(0), torch.cov(xs.T)
+    mu_t, cov_t = xt.mean(0), torch.cov(xt.T)
+    edited = M.gaussian_edit(xs, mu_s, mu_t, M.monge_map(cov_s, cov_t))
+    assert torch.allclose(edited.mean(0), mu_t, atol=1e-10)
+    assert _rel(torch.cov(edited.T), cov_t) < 1e-10
+    shifted = M.mean_shift(xs, mu_s, mu_t, clamp=False)
+    assert torch.allclose(shifted.mean(0), mu_t, atol=1e-10)
+    assert _rel(torch.cov(shifted.T), cov_s) < 1e-10      # a mean shift keeps the source covariance
+
+
+# --------------------------------------------------------------------------------------------
+# Square roots, moments, sampling, quantiles, PSNR
+# --------------------------------------------------------------------------------------------
+def test_sqrtm_psd() -> None:
+    S = torch.stack([_spd(6, 1), _spd(6, 2, 10.0)])
+    R = M.sqrtm_psd(S)
+    assert torch.allclose(R @ R, S, atol=1e-10)
+    assert torch.equal(R, R.transpose(-1, -2))
+    assert torch.allclose(R[0], M.sqrtm_reference(S[0]), atol=1e-12)
+    I = M.inv_sqrtm_psd(S)
+    assert torch.allclose(I @ S @ I, torch.eye(6, dtype=torch.float64).expand(2, 6, 6), atol=1e-9)
+    q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))
+    almost = q @ torch.diag(torch.tensor([1.0, 0.5, 0.0, -1e-14], dtype=torch.float64)) @ q.T
+    assert torch.isfinite(M.sqrtm_psd(almost)).all()       # tiny negative eigenvalues are clamped
+    with pytest.raises(ValueError, match="square"):
+        M.sqrtm_psd(torch.zeros(3, 4))
+
+
+def test_streaming_moments_match_reference() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(500, 12, generator=g) + 100.0            # a large offset: float64 sums matter
+    y = torch.randint(0, 4, (500,), generator=g)
+    fitter = M.MomentFitter(num_classes=4, dim=12)
+    for i in range(0, 500, 64):
+        fitter.update(x[i:i + 64], y[i:i + 64])
+    res = fitter.finalize()
+    means, covs, counts = M.class_moments_reference(x, y, 4)
+    assert res.means.dtype == torch.float64 and res.covs.shape == (4, 12, 12)
+    assert torch.equal(res.counts, counts)
+    assert torch.allclose(res.means, means, atol=1e-10)
+    assert torch.allclose(res.covs, covs, atol=1e-9)
+    # images are flattened; bad input is a clear error
+    img_fitter = M.MomentFitter(2, 3 * 2 * 2).update(torch.rand(6, 3, 2, 2), torch.tensor([0, 1] * 3))
+    assert img_fitter.finalize().means.shape == (2, 12)
+    with pytest.raises(ValueError, match="fewer than 2"):
+        M.MomentFitter(3, 2).update(torch.rand(4, 2), torch.tensor([0, 0, 1, 1])).finalize()
+    with pytest.raises(ValueError, match="labels"):
+        M.MomentFitter(2, 2).update(torch.rand(2, 2), torch.tensor([0, 5]))
+
+
+def test_sample_gaussian_moments() -> None:
+    g = torch.Generator().manual_seed(2)
+    mean, cov = torch.tensor([0.2, -1.0, 3.0], dtype=torch.float64), _spd(3, 5)
+    x = M.sample_gaussian(mean, cov, 20000, g)
+    assert x.shape == (20000, 3) and x.dtype == torch.float64
+    assert torch.allclose(x.mean(0), mean, atol=0.03)
+    assert _rel(torch.cov(x.T), cov) < 0.05
+    assert M.sample_gaussian(mean.float(), cov.float(), 4, g).dtype == torch.float32
+
+
+def test_quantile_edit_moves_marginals() -> None:
+    g = torch.Generator().manual_seed(3)
+    xs = torch.rand(4000, 3, generator=g)                     # uniform on [0, 1]
+    xt = torch.randn(4000, 3, generator=g) * 0.1 + 0.5        # a narrow bell
+    q = M.ClassQuantiles.fit(torch.cat([xs, xt]), torch.tensor([0] * 4000 + [1] * 4000), 2, q=101)
+    out = M.quantile_edit(xs, q.values[0], q.values[1], q.levels)
+    assert torch.allclose(out.mean(0), xt.mean(0), atol=0.01)
+    assert torch.allclose(out.std(0), xt.std(0), atol=0.01)
+    assert torch.all(out.argsort(0) == xs.argsort(0))         # monotone: the order of values is kept
+
+
+def test_psnr() -> None:
+    x = torch.zeros(2, 3, 4, 4)
+    y = x.clone()
+    y[0] += 0.1
+    y[1] += 0.01
+    assert torch.allclose(M.psnr(x, y), torch.tensor([20.0, 40.0]), atol=1e-4)
+
+
+def test_pixels_and_apply_delta() -> None:
+    g = torch.Generator().manual_seed(4)
+    imgs = (torch.rand(3, 3, 8, 8, generator=g) * 255).to(torch.uint8)
+    full = M.pixels(imgs)
+    assert full.shape == (3, 192) and torch.allclose(full, imgs.float().reshape(3, -1) / 255)
+    low = M.pixels(imgs, 4)
+    assert low.shape == (3, 48)
+    after = low + 0.05 * torch.randn(3, 48, generator=g)
+    out = M.apply_delta(imgs, low, after, clamp=False)
+    assert torch.allclose(M.pixels(out, 4), after, atol=1e-6)     # the low-res moments are set exactly
+    assert torch.allclose(out - imgs.float() / 255, M.to_images(after - low, 8, clamp=False), atol=1e-6)
+    with pytest.raises(ValueError, match="resolution"):
+        M.pixels(imgs, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# The editor
+# --------------------------------------------------------------------------------------------
+def _toy_images(n_per_class: int = 120, seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    images, labels = [], []
+    for c in range(3):
+        base = 0.3 + 0.2 * c + 0.05 * torch.randn(1, 3, 8, 8, generator=g)
+        images.append((base + (0.02 + 0.02 * c) * torch.randn(n_per_class, 3, 8, 8, generator=g)).clamp(0, 1))
+        labels.append(torch.full((n_per_class,), c))
+    return torch.cat(images), torch.cat(labels)
+
+
+@pytest.mark.parametrize("resolution", [8, 4])
+def test_gaussian_editor(resolution: int) -> None:
+    images, labels = _toy_images()
+    ed = M.GaussianEditor.fit(images, labels, num_classes=3, resolution=resolution, ridge=1e-6,
+                              device="cpu", progress=False)
+    assert len(ed.pairs) == 6 and ed.maps.shape == (6, 3 * resolution ** 2, 3 * resolution ** 2)
+    assert torch.equal(ed.map(1, 1), torch.eye(3 * resolution ** 2))
+    src = images[labels == 0]
+    edited = ed.edit(src, 0, 2)
+    assert edited.shape == src.shape and edited.min() >= 0 and edited.max() <= 1
+    v = M.pixels(edited, resolution).double()
+    assert torch.allclose(v.mean(0), ed.moments.means[2], atol=1e-3)
+    assert _rel(torch.cov(v.T), ed.moments.covs[2]) < 1e-2
+    shifted = ed.mean_shift(src, 0, torch.full((len(src),), 1))
+    assert torch.allclose(M.pixels(shifted, resolution).double().mean(0), ed.moments.means[1], atol=1e-3)
+    assert torch.allclose(ed.edit(src, 0, 0), src, atol=1e-5)  # a class to itself: unchanged
+    synth, y = ed.sample_all(5, torch.Generator().manual_seed(0), size=8)
+    assert synth.shape == (15, 3, 8, 8) and y.tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    mixed = ed.edit(images[:4], labels[:4], torch.tensor([1, 2, 1, 2]))
+    assert mixed.shape == (4, 3, 8, 8)
+
+
+def test_gaussian_editor_subset_of_pairs() -> None:
+    images, labels = _toy_images(40)
+    ed = M.GaussianEditor.fit(images, labels, num_classes=3, pairs=[(0, 1)], ridge=1e-2,
+                              device="cpu", progress=False)
+    with pytest.raises(KeyError, match="pairs"):
+        ed.map(1, 0)
+    direct = M.monge_map(ed.moments.covs[0], ed.moments.covs[1], ridge=1e-2).float()
+    assert torch.allclose(ed.map(0, 1), direct, atol=1e-4)
+
+
+def test_random_targets_never_the_source() -> None:
+    y = torch.arange(10).repeat(50)
+    t = M.random_targets(y, 10, torch.Generator().manual_seed(0))
+    assert (t != y).all() and t.min() >= 0 and t.max() <= 9
+    assert len(torch.unique(t[y == 2])) == 9
+
+
+# --------------------------------------------------------------------------------------------
+# The checks reject the typical mistakes
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, label", [
+    ("moments.sqrtm_psd", "a Cholesky factor (a square root, but not the symmetric one)"),
+    ("moments.monge_map", "a Cholesky factor used as the square root"),
+    ("moments.monge_map", "the inverse square roots are missing"),
+    ("moments.monge_map", "sources and targets swapped (the map from target to source)"),
+    ("moments.mean_shift", "sources and targets swapped"),
+    ("moments.gaussian_edit", "sources and targets swapped"),
+    ("moments.gaussian_edit", "centring forgotten (A applied to x, not to x - mu_s)"),
+    ("moments.class_moments", "centring forgotten (the second moment E[x x^T], not the covariance)"),
+])
+def test_checks_reject_typical_mistakes(name: str, label: str) -> None:
+    from course_utils.checks import evaluate, get_exercise
+
+    ex = get_exercise(name)
+    wrong = next(m for m in ex.mistakes if m.label == label)
+    outcome = evaluate(name, wrong.fn)
+    assert outcome.status == "failed" and outcome.mistake == label
+
+
+def test_every_exercise_reference_passes_and_mistakes_are_identified() -> None:
+    from course_utils.checks import evaluate, exercises_of
+
+    exs = exercises_of("moments")
+    assert [e.name.split(".")[1] for e in exs] == ["class_moments", "mean_shift", "sqrtm_psd", "monge_map",
+                                                   "gaussian_edit", "psnr"]
+    for ex in exs:
+        assert evaluate(ex.name, ex.reference).passed
+        assert len(ex.mistakes) >= 3
+        for m in ex.mistakes:
+            assert evaluate(ex.name, m.fn).mistake == m.label, (ex.name, m.label)
+
+
+def test_a_stub_is_todo() -> None:
+    from course_utils.checks import evaluate
+
+    def monge_map(cov_s, cov_t):
+        raise NotImplementedError("monge_map")
+
+    assert evaluate("moments.monge_map", monge_map).status == "todo"
+
+
+# --------------------------------------------------------------------------------------------
+# Pictures
+# --------------------------------------------------------------------------------------------
+def test_plots_and_slider_smoke() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from course_utils.train import make_cifar_net
+    from course_utils.viz.moments import edit_grid, edit_slider, sweep_plot
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 3, 32, 32, generator=g), torch.rand(3, 3, 32, 32, generator=g)
+    fig = edit_grid({"original": a, "edited": b}, titles=["x", "y", "z"], diff_gain=5)
+    assert len(fig.axes) == 9
+    ax = sweep_plot([1, 2, 4, 8], {"OT": [0.1, 0.3, 0.2, 0.1]}, chance=0.1)
+    assert ax.get_xscale() == "log"
+    torch.manual_seed(0)
+    box = edit_slider(make_cifar_net(10, 4), a[0], b[0], [str(i) for i in range(10)], source=1, target=2)
+    box.children[0].value = 0.5      # moving the slider redraws without error
+    plt.close("all")
