@@ -1,0 +1,397 @@
+"""Exercises of 04_concept_erasure: guardedness, the orthogonal projection, LEACE, the step at
+which a network learns, and quadratic erasure with the Gaussian optimal-transport map.
+
+Every case is float64 (so that a rank cut-off or a pseudo-inverse cannot flip on rounding) and
+small (a check takes milliseconds).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from course_utils.checks import Case, exercise, mistake
+from course_utils.erasure import gaussian_ot_map, psd_sqrt
+
+F64 = torch.float64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _labelled(seed: int, n: int, d: int, k: int, *, shift: float = 1.5, balanced: bool = False,
+              duplicate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correlated Gaussian features whose class means differ; `x` `[n, d]`, one-hot `z` `[n, k]`.
+
+    `duplicate=True` makes the last feature the sum of the first two (a singular covariance)."""
+    g = _gen(seed)
+    y = torch.arange(n) % k if balanced else torch.cat([torch.arange(k), torch.randint(0, k, (n - k,), generator=g)])
+    mix = torch.randn(d, d, generator=g, dtype=F64) / d ** 0.5 + torch.eye(d, dtype=F64)
+    x = torch.randn(n, d, generator=g, dtype=F64) @ mix + shift * torch.randn(k, d, generator=g, dtype=F64)[y]
+    x = x + 2.0  # a non-zero mean, so that forgetting to centre shows
+    if duplicate:
+        x[:, -1] = x[:, 0] + x[:, 1]
+    return x, torch.nn.functional.one_hot(y, k).to(F64)
+
+
+def _centre(x: torch.Tensor) -> torch.Tensor:
+    return x - x.mean(0)
+
+
+def _colspan(a: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis `[d, r]` of the column space of `a` (singular values above pinv's cut)."""
+    u, s, _ = torch.linalg.svd(a, full_matrices=False)
+    return u[:, s > s.max() * max(a.shape) * torch.finfo(a.dtype).eps]
+
+
+# --- 1. cross-covariance ------------------------------------------------------------------------
+def _xcov_cases() -> list[Case]:
+    return [
+        Case("n=12, d=3, k=2", _labelled(11, 12, 3, 2)),
+        Case("n=40, d=5, k=4", _labelled(12, 40, 5, 4)),
+        Case("two samples, two classes", _labelled(13, 2, 3, 2)),
+        Case("n=30, d=4, k=4 (square)", _labelled(14, 30, 4, 4)),
+    ]
+
+
+@exercise("erasure.cross_covariance", title="Linear guardedness: the cross-covariance Cov(x, z)",
+          cases=_xcov_cases,
+          hint="Centre both: xc = x - x.mean(0), zc = z - z.mean(0); then xc.T @ zc / (n - 1), a [d, k] matrix.")
+def cross_covariance(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """`x` `[n, d]`, one-hot `z` `[n, k]` -> `Sigma_xz` `[d, k]`, with Bessel's 1/(n-1)."""
+    return _centre(x).T @ _centre(z) / (len(x) - 1)
+
+
+@mistake("erasure.cross_covariance", "the means were not subtracted",
+         "A covariance is about deviations from the mean: subtract x.mean(0) (and z.mean(0)) before "
+         "multiplying. Without it you get E[x z^T], which is not zero even for a guarded x.")
+def _xcov_uncentred(x, z):
+    return x.T @ z / (len(x) - 1)
+
+
+@mistake("erasure.cross_covariance", "divided by n instead of n - 1",
+         "Use Bessel's correction, 1/(n - 1), as torch.cov does.")
+def _xcov_over_n(x, z):
+    return _centre(x).T @ _centre(z) / len(x)
+
+
+@mistake("erasure.cross_covariance", "transposed: [k, d] instead of [d, k]",
+         "Rows are features, columns are classes: xc.T @ zc has shape [d, k].")
+def _xcov_transposed(x, z):
+    return _centre(z).T @ _centre(x) / (len(x) - 1)
+
+
+@mistake("erasure.cross_covariance", "a correlation instead of a covariance",
+         "Do not divide by the standard deviations: the formula is the plain covariance.")
+def _xcov_correlation(x, z):
+    xc, zc = _centre(x), _centre(z)
+    return (xc / xc.std(0)).T @ (zc / zc.std(0).clamp_min(1e-12)) / (len(x) - 1)
+
+
+# --- 2. orthogonal projection -------------------------------------------------------------------
+def _orth_cases() -> list[Case]:
+    return [
+        Case("n=40, d=4, k=2", _labelled(21, 40, 4, 2)),
+        Case("n=60, d=6, k=3", _labelled(22, 60, 6, 3)),
+        Case("n=50, d=5, k=5 (rank k-1 = 4)", _labelled(23, 50, 5, 5)),
+    ]
+
+
+@exercise("erasure.orth_erase", title="Naive erasure: project out the class-mean differences",
+          cases=_orth_cases, atol=1e-8, rtol=1e-6,
+          hint="S = Sigma_xz [d, k]; U = an orthonormal basis of its columns (SVD, keeping the singular "
+               "values that are not ~0: there are k - 1 for one-hot z), or P = S @ torch.linalg.pinv(S); "
+               "then return x - (x - mu) @ U @ U.T.")
+def orth_erase(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """`x` `[n, d]`, one-hot `z` `[n, k]` -> `x - (x - mu) P` with `P` the orthogonal projection onto
+    colspan(Sigma_xz), the class-mean-difference directions."""
+    u = _colspan(cross_covariance(x, z))
+    mu = x.mean(0)
+    return x - (x - mu) @ u @ u.T
+
+
+@mistake("erasure.orth_erase", "the mean was not subtracted",
+         "Project the deviations from the mean, x - mu, and keep the mean: x - (x - mu) @ P. "
+         "Projecting x itself moves the whole cloud.")
+def _orth_no_mean(x, z):
+    u = _colspan(cross_covariance(x, z))
+    return x - x @ u @ u.T
+
+
+@mistake("erasure.orth_erase", "kept the concept directions instead of removing them",
+         "(x - mu) @ P is the part to REMOVE; the erased data is x minus it.")
+def _orth_kept(x, z):
+    u = _colspan(cross_covariance(x, z))
+    mu = x.mean(0)
+    return mu + (x - mu) @ u @ u.T
+
+
+@mistake("erasure.orth_erase", "projected onto the class means instead of their differences",
+         "Use the cross-COVARIANCE (centred), whose columns are the class-mean differences (rank k - 1). "
+         "The uncentred x.T @ z also contains the overall mean direction.")
+def _orth_class_means(x, z):
+    u = _colspan(x.T @ z)
+    mu = x.mean(0)
+    return x - (x - mu) @ u @ u.T
+
+
+@mistake("erasure.orth_erase", "Sigma_xz used as if its columns were orthonormal",
+         "S @ S.T is not a projection. Orthonormalise the columns first (SVD) or use P = S @ pinv(S).")
+def _orth_unnormalised(x, z):
+    s = cross_covariance(x, z)
+    mu = x.mean(0)
+    return x - (x - mu) @ s @ s.T
+
+
+# --- 3. LEACE -----------------------------------------------------------------------------------
+def _leace_cases() -> list[Case]:
+    return [
+        Case("n=80, d=4, k=2", _labelled(31, 80, 4, 2)),
+        Case("n=100, d=6, k=3", _labelled(32, 100, 6, 3)),
+        Case("n=60, d=5, k=4", _labelled(33, 60, 5, 4)),
+        Case("singular covariance (last feature = sum of the first two)", _labelled(34, 80, 6, 3, duplicate=True)),
+    ]
+
+
+def _leace_with(x: torch.Tensor, z: torch.Tensor, w: torch.Tensor, w_back: torch.Tensor,
+                *, centre: bool = True, whiten_sxz: bool = True) -> torch.Tensor:
+    sxz = cross_covariance(x, z)
+    u = _colspan(w @ sxz if whiten_sxz else sxz)
+    delta = x - x.mean(0) if centre else x
+    return x - delta @ (w_back @ u @ u.T @ w).T
+
+
+def _sigma(x: torch.Tensor) -> torch.Tensor:
+    xc = _centre(x)
+    return xc.T @ xc / (len(x) - 1)
+
+
+@exercise("erasure.leace_erase", title="LEACE in closed form", cases=_leace_cases, atol=1e-7, rtol=1e-6,
+          hint="W = Sigma_xx^{-1/2} (eigh: V diag(1/sqrt(l)) V.T, 0 where l ~ 0), W_inv = Sigma_xx^{1/2}; "
+               "U = orthonormal basis of colspan(W @ Sigma_xz); return x - (x - mu) @ (W_inv @ U @ U.T @ W).T.")
+def leace_erase(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """`x` `[n, d]`, one-hot `z` `[n, k]` -> `r(x) = x - W^+ P W (x - mu)` for every row:
+    `W = Sigma_xx^{-1/2}` (pseudo-inverse), `P` the orthogonal projection onto colspan(W Sigma_xz)."""
+    sigma = _sigma(x)
+    return _leace_with(x, z, psd_sqrt(sigma, inverse=True), psd_sqrt(sigma))
+
+
+@mistake("erasure.leace_erase", "whitening forgotten (that is the orthogonal projection)",
+         "Whiten first: W = Sigma_xx^{-1/2}. With W = I you get exercise 2's orthogonal projection, which "
+         "erases too, but moves the data more than necessary.")
+def _leace_no_whitening(x, z):
+    eye = torch.eye(x.shape[1], dtype=x.dtype)
+    return _leace_with(x, z, eye, eye)
+
+
+@mistake("erasure.leace_erase", "projected in the wrong space (P applied without W and W^+)",
+         "P is a projection in WHITENED coordinates: map in with W, project, map back with W^+: "
+         "the update is W^+ P W (x - mu), not P (x - mu).")
+def _leace_wrong_space(x, z):
+    sigma = _sigma(x)
+    eye = torch.eye(x.shape[1], dtype=x.dtype)
+    w = psd_sqrt(sigma, inverse=True)
+    u = _colspan(w @ cross_covariance(x, z))
+    return x - (x - x.mean(0)) @ (eye @ u @ u.T @ eye).T
+
+
+@mistake("erasure.leace_erase", "Sigma used instead of Sigma^{-1/2}",
+         "The whitening matrix is the inverse square root Sigma_xx^{-1/2} (eigenvalues l -> 1/sqrt(l)), "
+         "not Sigma_xx itself.")
+def _leace_sigma(x, z):
+    sigma = _sigma(x)
+    return _leace_with(x, z, sigma, torch.linalg.pinv(sigma))
+
+
+@mistake("erasure.leace_erase", "Sigma^{-1} used instead of Sigma^{-1/2}",
+         "Whitening takes the inverse SQUARE ROOT: 1/sqrt(l) on the eigenvalues, not 1/l.")
+def _leace_inverse(x, z):
+    sigma = _sigma(x)
+    return _leace_with(x, z, torch.linalg.pinv(sigma), sigma)
+
+
+@mistake("erasure.leace_erase", "the mean was not subtracted",
+         "r(x) = x - W^+ P W (x - mu): the update acts on x - mu, so that the mean stays where it is.")
+def _leace_no_mean(x, z):
+    sigma = _sigma(x)
+    return _leace_with(x, z, psd_sqrt(sigma, inverse=True), psd_sqrt(sigma), centre=False)
+
+
+@mistake("erasure.leace_erase", "mapped back with W instead of W^+",
+         "After projecting in whitened space, UNwhiten with W^+ = Sigma_xx^{1/2}, not W again.")
+def _leace_w_twice(x, z):
+    w = psd_sqrt(_sigma(x), inverse=True)
+    return _leace_with(x, z, w, w)
+
+
+@mistake("erasure.leace_erase", "P projects onto colspan(Sigma_xz) instead of colspan(W Sigma_xz)",
+         "In whitened coordinates the cross-covariance is W Sigma_xz: take P onto ITS column space.")
+def _leace_unwhitened_p(x, z):
+    sigma = _sigma(x)
+    return _leace_with(x, z, psd_sqrt(sigma, inverse=True), psd_sqrt(sigma), whiten_sxz=False)
+
+
+# --- 4. when does a network learn? ---------------------------------------------------------------
+def _step_cases() -> list[Case]:
+    steps = [1, 2, 4, 8, 16, 32]
+    return [
+        Case("crosses at the third checkpoint", (steps, [0.10, 0.12, 0.31, 0.45, 0.52, 0.60], 0.3)),
+        Case("exactly at the threshold", (steps, [0.10, 0.20, 0.25, 0.30, 0.41, 0.50], 0.3)),
+        Case("dips below again", ([1, 2, 4, 8, 16], [0.1, 0.45, 0.35, 0.5, 0.6], 0.4)),
+        Case("never reaches it", (steps, [0.1, 0.1, 0.2, 0.2, 0.25, 0.28], 0.3)),
+        Case("already there at step 1", ([1, 2, 4], [0.5, 0.6, 0.7], 0.3)),
+    ]
+
+
+@exercise("erasure.first_step_above", title="The step at which accuracy first reaches a threshold",
+          cases=_step_cases,
+          hint="Walk through zip(steps, accuracies) and return the first STEP whose accuracy is >= threshold; "
+               "return None after the loop if there is none.")
+def first_step_above(steps: Sequence[int], accuracies: Sequence[float], threshold: float) -> int | None:
+    """The first step with accuracy >= threshold, or None."""
+    for step, acc in zip(steps, accuracies):
+        if acc >= threshold:
+            return step
+    return None
+
+
+@mistake("erasure.first_step_above", "returned the index instead of the step",
+         "Return steps[i], not i: checkpoints are log-spaced, so the index is not the step.")
+def _step_index(steps, accuracies, threshold):
+    for i, acc in enumerate(accuracies):
+        if acc >= threshold:
+            return i
+    return None
+
+
+@mistake("erasure.first_step_above", "the step of the best accuracy",
+         "The question is when the accuracy FIRST reaches the threshold, not when it is highest.")
+def _step_argmax(steps, accuracies, threshold):
+    best = max(range(len(accuracies)), key=lambda i: accuracies[i])
+    return steps[best] if accuracies[best] >= threshold else None
+
+
+@mistake("erasure.first_step_above", "> instead of >=",
+         "Reaching the threshold counts: compare with >=.")
+def _step_strict(steps, accuracies, threshold):
+    for step, acc in zip(steps, accuracies):
+        if acc > threshold:
+            return step
+    return None
+
+
+@mistake("erasure.first_step_above", "the step after which it stays above (the last crossing)",
+         "Return the FIRST step at or above the threshold, even if the accuracy dips again later.")
+def _step_last_crossing(steps, accuracies, threshold):
+    found = None
+    for step, acc in zip(steps, accuracies):
+        if acc >= threshold and found is None:
+            found = step
+        elif acc < threshold:
+            found = None
+    return found
+
+
+@mistake("erasure.first_step_above", "the last step when the threshold is never reached",
+         "When no checkpoint reaches the threshold, return None: the run never got there.")
+def _step_never_last(steps, accuracies, threshold):
+    for step, acc in zip(steps, accuracies):
+        if acc >= threshold:
+            return step
+    return steps[-1]
+
+
+# --- 5. quadratic erasure -----------------------------------------------------------------------
+def _quad_cases() -> list[Case]:
+    def make(seed: int, n: int, d: int, k: int) -> tuple:
+        x, z = _labelled(seed, n, d, k)
+        g = _gen(seed + 100)
+        a = torch.randn(d, d, generator=g, dtype=F64)
+        return (x, z.argmax(1), torch.randn(d, generator=g, dtype=F64), a @ a.T / d + torch.eye(d, dtype=F64))
+    return [
+        Case("n=40, d=3, k=2", make(51, 40, 3, 2)),
+        Case("n=90, d=4, k=3", make(52, 90, 4, 3)),
+        Case("n=60, d=2, k=4", make(53, 60, 2, 4)),
+    ]
+
+
+def _class_stats(x: torch.Tensor, labels: torch.Tensor, c: int, ddof: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    xc = x[labels == c]
+    dev = xc - xc.mean(0)
+    return xc.mean(0), dev.T @ dev / (len(xc) - ddof)
+
+
+@exercise("erasure.quadratic_erase", title="Quadratic erasure: match every class's mean and covariance",
+          cases=_quad_cases, atol=1e-7, rtol=1e-6,
+          hint="For each class c: mu_c, Sigma_c of x[labels == c] (1/(n_c - 1)); A = gaussian_ot_map(Sigma_c, "
+               "target_cov); out[labels == c] = target_mean + (x_c - mu_c) @ A.T.")
+def quadratic_erase(x: torch.Tensor, labels: torch.Tensor, target_mean: torch.Tensor,
+                    target_cov: torch.Tensor) -> torch.Tensor:
+    """`x` `[n, d]`, class ids `labels` `[n]`, `target_mean` `[d]`, `target_cov` `[d, d]` -> `[n, d]`:
+    each class moved onto N(target_mean, target_cov) by its Gaussian optimal-transport map."""
+    out = torch.empty_like(x)
+    for c in labels.unique().tolist():
+        idx = labels == c
+        mu, sigma = _class_stats(x, labels, c)
+        out[idx] = target_mean + (x[idx] - mu) @ gaussian_ot_map(sigma, target_cov).T
+    return out
+
+
+@mistake("erasure.quadratic_erase", "the overall mean instead of each class's mean",
+         "Subtract the CLASS mean mu_c: the classes must end up with the same mean, so each is centred on its own.")
+def _quad_global_mean(x, labels, target_mean, target_cov):
+    out = torch.empty_like(x)
+    for c in labels.unique().tolist():
+        idx = labels == c
+        _, sigma = _class_stats(x, labels, c)
+        out[idx] = target_mean + (x[idx] - x.mean(0)) @ gaussian_ot_map(sigma, target_cov).T
+    return out
+
+
+@mistake("erasure.quadratic_erase", "transported the wrong way (target -> class)",
+         "gaussian_ot_map(S, T) moves N(0, S) onto N(0, T): the class covariance is the SOURCE, "
+         "gaussian_ot_map(Sigma_c, target_cov).")
+def _quad_backwards(x, labels, target_mean, target_cov):
+    out = torch.empty_like(x)
+    for c in labels.unique().tolist():
+        idx = labels == c
+        mu, sigma = _class_stats(x, labels, c)
+        out[idx] = target_mean + (x[idx] - mu) @ gaussian_ot_map(target_cov, sigma).T
+    return out
+
+
+@mistake("erasure.quadratic_erase", "one covariance for every class",
+         "Each class needs its own map, from its own covariance Sigma_c; the pooled covariance leaves the "
+         "differences between classes in place.")
+def _quad_pooled(x, labels, target_mean, target_cov):
+    dev = x - x.mean(0)
+    a = gaussian_ot_map(dev.T @ dev / (len(x) - 1), target_cov)
+    out = torch.empty_like(x)
+    for c in labels.unique().tolist():
+        idx = labels == c
+        mu, _ = _class_stats(x, labels, c)
+        out[idx] = target_mean + (x[idx] - mu) @ a.T
+    return out
+
+
+@mistake("erasure.quadratic_erase", "the target mean was not added back",
+         "The map is x' = target_mean + A (x - mu_c): without target_mean every class ends up centred on 0.")
+def _quad_no_target_mean(x, labels, target_mean, target_cov):
+    out = torch.empty_like(x)
+    for c in labels.unique().tolist():
+        idx = labels == c
+        mu, sigma = _class_stats(x, labels, c)
+        out[idx] = (x[idx] - mu) @ gaussian_ot_map(sigma, target_cov).T
+    return out
+
+
+@mistake("erasure.quadratic_erase", "class covariances divided by n_c instead of n_c - 1",
+         "Use Bessel's correction, 1/(n_c - 1), for each class covariance (as torch.cov does).")
+def _quad_over_n(x, labels, target_mean, target_cov):
+    out = torch.empty_like(x)
+    for c in labels.unique().tolist():
+        idx = labels == c
+        mu, sigma = _class_stats(x, labels, c, ddof=0)
+        out[idx] = target_mean + (x[idx] - mu) @ gaussian_ot_map(sigma, target_cov).T
+    return out
