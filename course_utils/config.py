@@ -63,13 +63,22 @@ CFG = Config.from_env()
 
 
 def seed_everything(seed: int | None = None) -> int:
-    """Seed python, numpy and torch; make torch deterministic where it allows. Returns the seed."""
+    """Seed python, numpy and torch; make torch deterministic where it allows. Returns the seed.
+
+    In fast mode torch also runs on one thread (or `COURSE_THREADS`), because float sums, and so
+    training runs, are only reproducible bit for bit for a fixed number of threads.
+    """
     import random
 
     import numpy as np
     import torch
 
     seed = CFG.seed if seed is None else seed
+    threads = os.environ.get("COURSE_THREADS")
+    if threads or CFG.fast:
+        # Training is bitwise reproducible only for a fixed thread count, so fast mode (tests, CI,
+        # the stored solution outputs) always uses one; COURSE_THREADS overrides it.
+        torch.set_num_threads(int(threads) if threads else 1)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
