@@ -17,17 +17,6 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _nan_aware(expected: Any, actual: Any, rtol: float = 1e-4, atol: float = 1e-5) -> str | None:
-    """`diagnose`, except that NaN where the expected value is NaN counts as equal (so a NaN-producing
-    known mistake is recognised; checks.diagnose's tolerance turns NaN there into a crash)."""
-    if (isinstance(expected, torch.Tensor) and isinstance(actual, torch.Tensor) and expected.shape == actual.shape
-            and expected.is_floating_point() and actual.is_floating_point()):
-        both = expected.isnan() & actual.isnan()
-        if both.any():
-            expected, actual = expected.masked_fill(both, 0.0), actual.masked_fill(both, 0.0)
-    return diagnose(expected, actual, rtol=rtol, atol=atol)
-
-
 # --------------------------------------------------------------------------------------------
 # Small CNNs for the hook exercise
 # --------------------------------------------------------------------------------------------
@@ -266,7 +255,6 @@ def _map_cases() -> list[Case]:
 
 
 @exercise("gradcam.cam_map", title="The map: ReLU of the weighted sum, upsampled and normalised", cases=_map_cases,
-          compare=_nan_aware,
           hint="raw = relu(einsum('bk,bkhw->bhw', weights, activations)); upsample with F.interpolate(raw[:, None], "
                "size=size, mode='bilinear', align_corners=False)[:, 0]; divide each map by its own max, and leave "
                "an all-zero map at zero.")
@@ -332,7 +320,7 @@ def _box_cases() -> list[Case]:
     ]
 
 
-@exercise("gradcam.box_mass", title="How much of the map falls inside a box", cases=_box_cases, compare=_nan_aware,
+@exercise("gradcam.box_mass", title="How much of the map falls inside a box", cases=_box_cases,
           hint="x is the column, y the row: inside = maps[:, y0:y1, x0:x1].sum(dim=(1, 2)); divide by "
                "maps.sum(dim=(1, 2)), and return 0 where the total is 0.")
 def box_mass(maps: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
@@ -393,7 +381,7 @@ def _spearman_cases() -> list[Case]:
 def _compare_float64(expected: Any, actual: Any) -> str | None:
     if isinstance(actual, torch.Tensor) and actual.is_floating_point():
         actual = actual.double()
-    return _nan_aware(expected, actual, rtol=1e-6, atol=1e-6)
+    return diagnose(expected, actual, rtol=1e-6, atol=1e-6)
 
 
 @exercise("gradcam.spearman", title="Spearman rank correlation of two maps", cases=_spearman_cases,
