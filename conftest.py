@@ -4,6 +4,8 @@
 - `make test` runs pytest-xdist with `--dist loadscope`: every cell of a notebook (they share one
   kernel) and every test class stays in one worker; tests/test_notebooks.py makes a class per notebook.
 - The two workers share two cores, so each process and kernel gets one thread.
+- Without a GPU, Triton kernels run in Triton's CPU interpreter (`TRITON_INTERPRET=1`, which must be
+  set before Triton is imported), so that tests/test_kernels.py checks them against their references.
 """
 from __future__ import annotations
 
@@ -13,3 +15,8 @@ os.environ.setdefault("COURSE_FAST", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after the thread settings above)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from course_utils.kernels import use_triton
 from course_utils.models import LMParts, block_output, lm_parts
 
 __all__ = [
@@ -347,6 +348,15 @@ def lens_stats(normed: torch.Tensor, W_U: torch.Tensor, *, targets: torch.Tensor
     if backend not in _BACKENDS:
         raise ValueError(f"unknown lens_stats backend {backend!r}; registered: {['auto', 'reference', *_BACKENDS]}")
     return _BACKENDS[backend][0](normed, W_U, targets=targets, k=k, **kwargs)
+
+
+def _lens_stats_triton(normed: torch.Tensor, W_U: torch.Tensor, **kwargs) -> LensStats:
+    from course_utils.kernels.lens_readout import lens_stats_triton  # imports Triton only when used
+
+    return lens_stats_triton(normed, W_U, **kwargs)
+
+
+register_lens_stats_backend("triton", _lens_stats_triton, applies=use_triton)
 
 
 # ----------------------------------------------------------------------------------------------

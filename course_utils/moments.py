@@ -42,6 +42,7 @@ __all__ = [
     "ClassMoments",
     "ClassQuantiles",
     "GaussianEditor",
+    "MATRIX_ROOT_METHODS",
     "MomentFitter",
     "apply_delta",
     "class_roots",
@@ -419,38 +420,62 @@ def quantile_edit(x: torch.Tensor, q_s: torch.Tensor, q_t: torch.Tensor, levels:
 # --------------------------------------------------------------------------------------------
 # The editor: every class's moments, the pairwise maps, batched edits
 # --------------------------------------------------------------------------------------------
+MATRIX_ROOT_METHODS = ("eigh", "newton")
+NEWTON_TOL = 1e-5
+
+
+def _powers(mats: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(M^{1/2}, M^{-1/2})` of SPD `mats` `[b, d, d]` (already ridged). `method="newton"` uses
+    Newton–Schulz iterations (`kernels.spd`) and falls back to `eigh` for every matrix whose
+    residual is above `NEWTON_TOL` (or not finite): accuracy first."""
+    if method not in MATRIX_ROOT_METHODS:
+        raise ValueError(f"method must be one of {MATRIX_ROOT_METHODS}, got {method!r}")
+    if method == "eigh":
+        return _eig_powers(mats, 0.0)
+    from course_utils.kernels.spd import sqrt_inv_sqrt_newton
+
+    half, inv_half, residual = sqrt_inv_sqrt_newton(mats, tol=NEWTON_TOL)
+    bad = ~(residual < NEWTON_TOL)
+    if bool(bad.any()):
+        half[bad], inv_half[bad] = _eig_powers(mats[bad], 0.0)
+    return half, inv_half
+
+
 def class_roots(covs: torch.Tensor, classes: Sequence[int] | None = None, *, ridge: float = 1e-3,
-                chunk: int = 8) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+                chunk: int = 8, method: str = "eigh") -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """`{c: (Sigma_c^{1/2}, Sigma_c^{-1/2})}` of the ridged covariances `covs` `[C, d, d]`, one batched
-    `eigh` per chunk of classes (default: every class)."""
+    `eigh` (or Newton–Schulz run, `method="newton"`) per chunk of classes (default: every class)."""
     classes = list(range(len(covs))) if classes is None else sorted(set(classes))
     out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for k in range(0, len(classes), chunk):
         group = classes[k:k + chunk]
-        h, ih = _eig_powers(covs[group], ridge)
+        h, ih = _powers(_add_ridge(covs[group], ridge), method)
         out.update({c: (h[i], ih[i]) for i, c in enumerate(group)})
     return out
 
 
 def monge_maps(moments: ClassMoments, pairs: Sequence[tuple[int, int]], *, ridge: float = 1e-3,
                chunk: int = 8, dtype: torch.dtype = torch.float32, progress: bool = True,
-               roots: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+               roots: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+               method: str = "eigh") -> torch.Tensor:
     """The Monge maps of many class pairs, batched: `[len(pairs), d, d]` in `dtype`.
 
     One `eigh` per source class for `Sigma_s^{+-1/2}` (or pass them as `roots`, from
     `class_roots`), then one batched `eigh` per chunk of pairs for the middle square root, all on
-    the moments' device (the GPU, when they are there).
+    the moments' device (the GPU, when they are there). `method="newton"` replaces each `eigh` by
+    Newton–Schulz matrix products where they converge (see `kernels.spd`).
     """
     covs = moments.covs
     if roots is None:
-        roots = class_roots(covs, [s for s, _ in pairs], ridge=ridge, chunk=chunk)
+        roots = class_roots(covs, [s for s, _ in pairs], ridge=ridge, chunk=chunk, method=method)
     out = torch.empty(len(pairs), moments.dim, moments.dim, dtype=dtype, device=covs.device)
     for k in tqdm(range(0, len(pairs), chunk), desc="Monge maps", disable=not progress):
         part = pairs[k:k + chunk]
         h = torch.stack([roots[s][0] for s, _ in part])
         ih = torch.stack([roots[s][1] for s, _ in part])
         t = _add_ridge(covs[[t for _, t in part]], ridge)
-        out[k:k + len(part)] = _sym(ih @ sqrtm_psd(h @ t @ h) @ ih).to(dtype)
+        middle = sqrtm_psd(h @ t @ h) if method == "eigh" else _powers(_sym(h @ t @ h), method)[0]
+        out[k:k + len(part)] = _sym(ih @ middle @ ih).to(dtype)
     return out
 
 

@@ -1,0 +1,140 @@
+"""The GPU kernels against their PyTorch references.
+
+Without a GPU, conftest.py sets TRITON_INTERPRET=1, so the Triton kernels run in Triton's CPU
+interpreter on small shapes; on a machine with a GPU the same tests run the compiled kernels.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from course_utils import kernels
+from course_utils import lens as L
+from course_utils import moments as M
+from course_utils.kernels.spd import sqrt_inv_sqrt_newton
+
+needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="the triton package is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL_BLOCKS = (16, 32, 16)  # (tokens, vocab, width) tiles: shapes below are not multiples of them
+
+
+def _lens_inputs(R: int, N: int, D: int, V: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    normed = torch.randn(R, N, D, generator=g)
+    W = torch.randn(V, D, generator=g) / D ** 0.25
+    targets = torch.randint(0, V, (N,), generator=g)
+    return normed.to(DEVICE), W.to(DEVICE), targets.to(DEVICE)
+
+
+def _assert_same_stats(got: L.LensStats, want: L.LensStats, with_targets: bool) -> None:
+    for name in ("entropy", "topk_probs", "kl_to_final"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.shape == b.shape, name
+        assert torch.allclose(a, b, atol=2e-4, rtol=1e-4), (name, float((a - b).abs().max()))
+    assert torch.equal(got.topk_ids, want.topk_ids)
+    assert got.kl_to_final[-1].abs().max() == 0
+    if with_targets:
+        assert torch.allclose(got.target_logprob, want.target_logprob, atol=2e-4)
+        assert torch.equal(got.target_rank, want.target_rank)
+    else:
+        assert got.target_logprob is None and got.target_rank is None
+
+
+@needs_triton
+@pytest.mark.parametrize("R,N,D,V,k,with_targets", [
+    (3, 37, 40, 301, 5, True),     # ragged in every tile dimension
+    (2, 16, 16, 32, 1, True),      # exactly one tile
+    (4, 5, 24, 97, 3, False),      # fewer tokens than a tile, no targets
+])
+def test_fused_lens_matches_the_reference(R, N, D, V, k, with_targets):
+    from course_utils.kernels.lens_readout import lens_stats_triton
+
+    normed, W, targets = _lens_inputs(R, N, D, V)
+    t = targets if with_targets else None
+    want = L.lens_stats_reference(normed, W, targets=t, k=k)
+    got = lens_stats_triton(normed, W, targets=t, k=k, blocks=SMALL_BLOCKS)
+    _assert_same_stats(got, want, with_targets)
+
+
+@needs_triton
+def test_fused_lens_on_peaked_logits_and_through_the_registry():
+    """Large logits (a confident model) stress the online log-sum-exp; dispatch by name works."""
+    normed, W, targets = _lens_inputs(3, 20, 32, 200, seed=1)
+    normed = normed * 30
+    want = L.lens_stats_reference(normed, W, targets=targets, k=4)
+    got = L.lens_stats(normed, W, targets=targets, k=4, backend="triton", blocks=SMALL_BLOCKS)
+    assert torch.isfinite(got.entropy).all() and torch.isfinite(got.kl_to_final).all()
+    _assert_same_stats(got, want, True)
+
+
+def test_auto_dispatch_uses_the_kernel_only_on_cuda(monkeypatch):
+    calls = []
+    monkeypatch.setitem(L._BACKENDS, "triton", (lambda *a, **kw: calls.append(1), kernels.use_triton))
+    normed, W = torch.randn(2, 3, 8), torch.randn(11, 8)
+    L.lens_stats(normed, W, k=2)  # CPU tensor: the reference
+    assert calls == []
+    assert kernels.use_triton(normed) is False
+
+
+def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="CUDA tensors.*backend='reference'"):
+        kernels.require_triton(torch.zeros(2), "lens_stats")
+
+
+# ------------------------------------------------------------------------------------------------
+# Newton–Schulz square roots
+# ------------------------------------------------------------------------------------------------
+def _spd(b: int, d: int, cond: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(b, d, d, generator=g, dtype=torch.float64))
+    evals = torch.logspace(0, -np.log10(cond), d, dtype=torch.float64)
+    return (q * evals[None, None, :]) @ q.transpose(-1, -2)
+
+
+def test_newton_schulz_matches_eigh_on_conditioned_matrices():
+    A = _spd(3, 24, cond=1e4)
+    root, inv_root, residual = sqrt_inv_sqrt_newton(A)
+    assert residual.max() < 1e-5
+    want_root, want_inv = M._eig_powers(A, 0.0)
+
+    def rel(a, b):
+        return float(((a - b).norm(dim=(-2, -1)) / b.norm(dim=(-2, -1))).max())
+
+    assert rel(root, want_root) < 1e-5
+    assert rel(inv_root, want_inv) < 1e-4
+    assert rel(root @ root, A) < 1e-5
+    assert torch.equal(root, root.transpose(-1, -2))
+
+
+def test_newton_schulz_reports_when_it_has_not_converged():
+    A = _spd(2, 16, cond=1e14)
+    _, _, residual = sqrt_inv_sqrt_newton(A, max_steps=8, refine_steps=0)
+    assert not bool((residual < 1e-5).all())
+    _, _, residual = sqrt_inv_sqrt_newton(_spd(1, 16, cond=1e12))  # diverges in float32: reported
+    assert not bool(residual < 1e-5)
+
+
+def test_newton_monge_maps_match_pot_and_fall_back_where_needed():
+    ot = pytest.importorskip("ot")
+    d = 12
+    covs = torch.cat([_spd(2, d, cond=1e2, seed=1), _spd(1, d, cond=1e11, seed=2)])  # class 2: too hard
+    moments = M.ClassMoments(torch.zeros(3, d, dtype=torch.float64), covs, torch.tensor([100, 100, 100]))
+    pairs = [(0, 1), (1, 0), (2, 0), (0, 2)]
+    kw = dict(ridge=0.0, dtype=torch.float64, progress=False)
+    got = M.monge_maps(moments, pairs, method="newton", **kw)
+    for i, (s, t) in enumerate(pairs[:2]):  # Newton–Schulz converged: the maps are POT's
+        A_pot, _ = ot.gaussian.bures_wasserstein_mapping(np.zeros(d), np.zeros(d), covs[s].numpy(), covs[t].numpy())
+        err = np.linalg.norm(got[i].numpy() - A_pot) / np.linalg.norm(A_pot)
+        assert err < 1e-5, (s, t, err)
+    with_eigh = M.monge_maps(moments, pairs[2:], method="eigh", **kw)  # diverged: eigh took over
+    rel = (got[2:] - with_eigh).norm(dim=(-2, -1)) / with_eigh.norm(dim=(-2, -1))
+    assert rel.max() < 1e-6, rel
+    _, _, residual = sqrt_inv_sqrt_newton(covs[2])
+    assert not bool(residual < M.NEWTON_TOL)
+
+
+def test_unknown_root_method_is_refused():
+    with pytest.raises(ValueError, match="method must be one of"):
+        M.class_roots(_spd(1, 4, 10.0), method="svd")
