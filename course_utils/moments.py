@@ -20,6 +20,8 @@ The pieces, each a closed form that reads like the paper:
   map between centred Gaussians; the edit is `x' = mu_t + A (x - mu_s)`.
 - `mean_shift`, `gaussian_edit`, `sample_gaussian`, `quantile_edit` (coordinatewise quantiles: a
   higher-order edit), `psnr`.
+- `coordinate_moments`: every class's per-coordinate mean, variance, skewness and kurtosis in one
+  pass (a Triton kernel on CUDA, `kernels.class_moments`).
 - `class_moments_reference`, `sqrtm_reference`: plain one-shot PyTorch versions, the ground
   truth that faster kernels can be tested against.
 
@@ -45,7 +47,9 @@ __all__ = [
     "MATRIX_ROOT_METHODS",
     "MomentFitter",
     "apply_delta",
+    "CoordinateMoments",
     "class_roots",
+    "coordinate_moments",
     "class_moments_reference",
     "fit_class_moments",
     "gaussian_edit",
@@ -224,6 +228,37 @@ class MomentFitter:
         covs = (self.outer - n[:, None, None] * means[:, :, None] * means[:, None, :]) / (n - 1)[:, None, None]
         covs = 0.5 * (covs + covs.transpose(-1, -2))
         return ClassMoments(means, covs, self.counts.clone())
+
+
+@dataclass(frozen=True)
+class CoordinateMoments:
+    """Per-class, per-coordinate moments `[C, d]` (population, i.e. divided by `n_c`), from
+    `coordinate_moments`: `mean`, `var`, `skew` (`m3 / m2^1.5`) and `kurtosis` (`m4 / m2^2`, 3 for a
+    Gaussian), with `counts` `[C]`."""
+
+    counts: torch.Tensor
+    mean: torch.Tensor
+    var: torch.Tensor
+    skew: torch.Tensor
+    kurtosis: torch.Tensor
+
+
+def coordinate_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, backend: str = "auto"
+                       ) -> CoordinateMoments:
+    """Every class's per-coordinate mean, variance, skewness and kurtosis of `x` `[N, d]` (labels
+    `y` `[N]`), from one pass of `kernels.class_moments.class_power_sums` (a Triton kernel on CUDA),
+    with `x` shifted by its overall mean so that the power sums stay well conditioned."""
+    from course_utils.kernels.class_moments import class_power_sums
+
+    shift = x.float().mean(0)
+    sums, counts = class_power_sums(x, y, num_classes, shift, backend=backend)
+    n = counts.to(sums.dtype).clamp_min(1)[:, None]
+    e1, e2, e3, e4 = (sums[p] / n for p in range(4))
+    m2 = (e2 - e1 ** 2).clamp_min(0)
+    m3 = e3 - 3 * e1 * e2 + 2 * e1 ** 3
+    m4 = e4 - 4 * e1 * e3 + 6 * e1 ** 2 * e2 - 3 * e1 ** 4
+    safe = m2.clamp_min(torch.finfo(m2.dtype).tiny)
+    return CoordinateMoments(counts, e1 + shift.to(e1), m2, m3 / safe ** 1.5, m4 / safe ** 2)
 
 
 def class_moments_reference(x: torch.Tensor, y: torch.Tensor, num_classes: int

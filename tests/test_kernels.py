@@ -138,3 +138,56 @@ def test_newton_monge_maps_match_pot_and_fall_back_where_needed():
 def test_unknown_root_method_is_refused():
     with pytest.raises(ValueError, match="method must be one of"):
         M.class_roots(_spd(1, 4, 10.0), method="svd")
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming class-conditional coordinate moments
+# ------------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("N,d,C", [(203, 37, 3), (64, 64, 10), (5, 3, 2)])
+def test_power_sums_kernel_matches_the_reference(N, d, C):
+    from course_utils.kernels.class_moments import class_power_sums, class_power_sums_reference
+
+    g = torch.Generator().manual_seed(N)
+    x = torch.rand(N, d, generator=g).to(DEVICE)
+    y = torch.randint(0, C, (N,), generator=g).to(DEVICE)
+    shift = torch.full((d,), 0.5, device=DEVICE)
+    want, want_n = class_power_sums_reference(x, y, C, shift)
+    got, got_n = class_power_sums(x, y, C, shift, backend="triton", blocks=(16, 16))
+    assert torch.equal(got_n, want_n)
+    assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-5), float((got.double() - want).abs().max())
+
+
+def test_coordinate_moments_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(300, 4, generator=g) * 2 + 5, torch.rand(200, 4, generator=g) ** 3])
+    y = torch.cat([torch.zeros(300, dtype=torch.long), torch.ones(200, dtype=torch.long)])
+    got = M.coordinate_moments(x, y, 2, backend="reference")
+    for c in range(2):
+        xc = x[y == c].double().numpy()
+        assert np.allclose(got.mean[c], xc.mean(0), atol=1e-10)
+        assert np.allclose(got.var[c], xc.var(0), atol=1e-10)
+        assert np.allclose(got.skew[c], stats.skew(xc, axis=0), atol=1e-8)
+        assert np.allclose(got.kurtosis[c], stats.kurtosis(xc, axis=0, fisher=False), atol=1e-8)
+    assert got.skew[1].min() > 0.5  # cubed uniforms are right-skewed; Gaussians are not
+    assert got.skew[0].abs().max() < 0.5
+
+
+def test_power_sums_refuse_bad_labels():
+    from course_utils.kernels.class_moments import class_power_sums
+
+    with pytest.raises(ValueError, match=r"labels must be in 0\.\.2"):
+        class_power_sums(torch.zeros(4, 2), torch.tensor([0, 1, 2, 3]), 3)
+    with pytest.raises(ValueError, match="flatten images first"):
+        class_power_sums(torch.zeros(4, 3, 2, 2), torch.zeros(4, dtype=torch.long), 3)
+
+
+@needs_triton
+def test_coordinate_moments_through_the_kernel():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(150, 6, generator=g).to(DEVICE), torch.randint(0, 3, (150,), generator=g).to(DEVICE)
+    want = M.coordinate_moments(x, y, 3, backend="reference")
+    got = M.coordinate_moments(x, y, 3, backend="triton")
+    for name in ("mean", "var", "skew", "kurtosis"):
+        assert torch.allclose(getattr(got, name).double(), getattr(want, name), atol=1e-4), name
