@@ -23,6 +23,7 @@ registered backend (`register_lens_stats_backend`, e.g. a Triton kernel on GPU) 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -339,9 +340,16 @@ def lens_stats(normed: torch.Tensor, W_U: torch.Tensor, *, targets: torch.Tensor
     kernel for CUDA tensors) and falls back to `lens_stats_reference`; `"reference"` forces it.
     """
     if backend == "auto":
-        for fn, applies in _BACKENDS.values():
+        _check_stats_inputs(normed, W_U, targets, k)
+        for name, (fn, applies) in _BACKENDS.items():
             if applies(normed):
-                return fn(normed, W_U, targets=targets, k=k, **kwargs)
+                try:
+                    return fn(normed, W_U, targets=targets, k=k, **kwargs)
+                except Exception as err:  # a kernel that fails to compile must not stop the notebook
+                    warnings.warn(f"lens_stats: the {name!r} backend failed ({type(err).__name__}: {err}); "
+                                  "using the PyTorch reference instead (same numbers, slower). "
+                                  "Pass backend='reference' to skip it.", RuntimeWarning, stacklevel=2)
+                    break
         return lens_stats_reference(normed, W_U, targets=targets, k=k, **kwargs)
     if backend == "reference":
         return lens_stats_reference(normed, W_U, targets=targets, k=k, **kwargs)

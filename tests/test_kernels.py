@@ -191,3 +191,16 @@ def test_coordinate_moments_through_the_kernel():
     got = M.coordinate_moments(x, y, 3, backend="triton")
     for name in ("mean", "var", "skew", "kurtosis"):
         assert torch.allclose(getattr(got, name).double(), getattr(want, name), atol=1e-4), name
+
+
+def test_auto_dispatch_falls_back_with_a_warning_when_a_kernel_fails(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX assembly failed")
+
+    monkeypatch.setitem(L._BACKENDS, "triton", (broken, lambda x: True))
+    normed, W = torch.randn(2, 3, 8), torch.randn(11, 8)
+    with pytest.warns(RuntimeWarning, match="'triton' backend failed.*PTX assembly failed"):
+        got = L.lens_stats(normed, W, k=2)
+    assert torch.equal(got.topk_ids, L.lens_stats_reference(normed, W, k=2).topk_ids)
+    with pytest.raises(RuntimeError, match="PTX"):  # asked for by name: no silent fallback
+        L.lens_stats(normed, W, k=2, backend="triton")
