@@ -17,22 +17,21 @@ Conventions, used everywhere in this module and in notebook 02:
 The fused read-out `lens_stats(normed, W_U, targets=...)` returns entropy, top-k, KL to the last
 layer, the target's log-probability and rank for every layer and token, streaming over token
 and vocabulary chunks so that the `[L+1, N, V]` logits never exist at once.
-`lens_stats_reference` is the plain-PyTorch implementation; `lens_stats` dispatches to a
-registered backend (`register_lens_stats_backend`, e.g. a Triton kernel on GPU) or to it.
+The statistics come from the kernel module `kernels.lens_readout` (plain tensors; a PyTorch
+reference and a Triton kernel, chosen by `kernels.dispatch`); this module wraps them in `LensStats`.
+`lens_stats_reference` always runs the plain-PyTorch reference.
 """
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from course_utils.kernels import use_triton
+from course_utils.kernels.lens_readout import LensReadout, lens_readout, lens_readout_reference
 from course_utils.models import LMParts, block_output, lm_parts
 
 __all__ = [
@@ -48,7 +47,6 @@ __all__ = [
     "LensStats",
     "lens_stats",
     "lens_stats_reference",
-    "register_lens_stats_backend",
     "LogitLens",
     "TunedLens",
     "FitLog",
@@ -233,102 +231,22 @@ class LensStats:
             raise ValueError("cross_entropy needs the targets: call lens_stats(..., targets=next_ids)")
         return -self.target_logprob.mean(1)
 
-
-LensStatsFn = Callable[..., LensStats]
-_BACKENDS: dict[str, tuple[LensStatsFn, Callable[[torch.Tensor], bool]]] = {}
-
-
-def register_lens_stats_backend(name: str, fn: LensStatsFn,
-                                applies: Callable[[torch.Tensor], bool] = lambda x: x.is_cuda) -> None:
-    """Make `lens_stats` use `fn` (same signature as `lens_stats_reference`) when `applies(normed)`."""
-    _BACKENDS[name] = (fn, applies)
+    @classmethod
+    def of(cls, readout: LensReadout) -> LensStats:
+        """The kernels' plain tensors (`kernels.lens_readout.LensReadout`), moved to the CPU."""
+        return cls(**{name: None if t is None else t.cpu() for name, t in readout._asdict().items()})
 
 
-def _check_stats_inputs(normed: torch.Tensor, W_U: torch.Tensor, targets: torch.Tensor | None, k: int) -> None:
-    if normed.dim() != 3:
-        raise ValueError(f"normed must be [L+1, N, d] (layers, tokens, width), got {tuple(normed.shape)}; "
-                         "flatten batch and positions first: x.flatten(1, -2)")
-    if W_U.dim() != 2 or W_U.shape[1] != normed.shape[-1]:
-        raise ValueError(f"W_U must be [V, d] with d = {normed.shape[-1]}, got {tuple(W_U.shape)}")
-    if targets is not None and tuple(targets.shape) != (normed.shape[1],):
-        raise ValueError(f"targets must be [N] = [{normed.shape[1]}], got {tuple(targets.shape)}")
-    if not 1 <= k <= W_U.shape[0]:
-        raise ValueError(f"k must be between 1 and the vocabulary size {W_U.shape[0]}, got {k}")
-
-
-@torch.no_grad()
-def lens_stats_reference(
-    normed: torch.Tensor,
-    W_U: torch.Tensor,
-    *,
-    targets: torch.Tensor | None = None,
-    k: int = 5,
-    token_chunk: int = 128,
-    vocab_chunk: int = 8192,
-) -> LensStats:
-    """Per-layer statistics of `logits = normed @ W_U.T`, streamed (plain PyTorch).
+def lens_stats_reference(normed: torch.Tensor, W_U: torch.Tensor, *, targets: torch.Tensor | None = None,
+                         k: int = 5, token_chunk: int = 128, vocab_chunk: int = 8192) -> LensStats:
+    """`lens_stats` in plain PyTorch (`kernels.lens_readout.lens_readout_reference`), streamed.
 
     normed: `[L+1, N, d]`, the residuals AFTER the final norm (and, for a tuned lens, after the
     translators); the last layer is the model's output. W_U: `[V, d]`. targets: `[N]` or None.
-
-    Memory is `O((L+1) * token_chunk * vocab_chunk)`: for each chunk of tokens, the vocabulary
-    is swept in chunks with an online log-sum-exp (as in flash attention), carrying per layer
-    and token the running max `m`, `s = sum e^(z-m)`, `sum e^(z-m) z` (entropy), for the last
-    layer `sum e^(z_L-m_L) (z_L - z_l)` (KL), the running top-k, and the count above the target.
+    Memory is `O((L+1) * token_chunk * vocab_chunk)`.
     """
-    _check_stats_inputs(normed, W_U, targets, k)
-    n_read, N, _ = normed.shape
-    V = W_U.shape[0]
-    dev = normed.device
-    out = {name: torch.empty(n_read, N, device=dev) for name in ("entropy", "kl", "tlp")}
-    top_ids = torch.empty(n_read, N, k, dtype=torch.long, device=dev)
-    top_p = torch.empty(n_read, N, k, device=dev)
-    ranks = torch.empty(n_read, N, dtype=torch.long, device=dev)
-    W = W_U.to(normed.dtype)
-    for t0 in range(0, N, token_chunk):
-        x = normed[:, t0 : t0 + token_chunk]  # [L+1, n, d]
-        n = x.shape[1]
-        m = torch.full((n_read, n), -math.inf, device=dev)
-        s = torch.zeros(n_read, n, device=dev)
-        sz = torch.zeros(n_read, n, device=dev)
-        cross = torch.zeros(n_read, n, device=dev)
-        tv = torch.full((n_read, n, k), -math.inf, device=dev)
-        ti = torch.zeros(n_read, n, k, dtype=torch.long, device=dev)
-        tgt = targets[t0 : t0 + n].to(dev) if targets is not None else None
-        if tgt is not None:  # the target's own logit, to count the tokens above it
-            z_t = (x * W[tgt]).sum(-1)
-            above = torch.zeros(n_read, n, dtype=torch.long, device=dev)
-        for v0 in range(0, V, vocab_chunk):
-            z = (x @ W[v0 : v0 + vocab_chunk].T).float()  # [L+1, n, c]
-            m_new = torch.maximum(m, z.amax(-1))
-            rescale = torch.exp(m - m_new)
-            e = torch.exp(z - m_new[..., None])
-            s = s * rescale + e.sum(-1)
-            sz = sz * rescale + (e * z).sum(-1)
-            cross = cross * rescale[-1] + (e[-1] * (z[-1] - z)).sum(-1)
-            m = m_new
-            cv, ci = z.topk(min(k, z.shape[-1]), -1)
-            tv, pick = torch.cat([tv, cv], -1).topk(k, -1)
-            ti = torch.cat([ti, ci + v0], -1).gather(-1, pick)
-            if tgt is not None:
-                gt = z > z_t[..., None]
-                inside = (tgt >= v0) & (tgt < v0 + z.shape[-1])
-                if inside.any():  # the target never counts itself, whatever the rounding
-                    cols = (tgt - v0).clamp(0, z.shape[-1] - 1)
-                    gt[:, inside, cols[inside]] = False
-                above += gt.sum(-1)
-        log_z = m + s.log()
-        sl = slice(t0, t0 + n)
-        out["entropy"][:, sl] = log_z - sz / s
-        out["kl"][:, sl] = (cross / s[-1] - log_z[-1] + log_z).clamp_min(0)
-        top_ids[:, sl], top_p[:, sl] = ti, torch.exp(tv - log_z[..., None])
-        if tgt is not None:
-            out["tlp"][:, sl] = z_t.float() - log_z
-            ranks[:, sl] = above
-    has_t = targets is not None
-    return LensStats(entropy=out["entropy"].cpu(), topk_ids=top_ids.cpu(), topk_probs=top_p.cpu(),
-                     kl_to_final=out["kl"].cpu(), target_logprob=out["tlp"].cpu() if has_t else None,
-                     target_rank=ranks.cpu() if has_t else None)
+    return LensStats.of(lens_readout_reference(normed, W_U, targets=targets, k=k, token_chunk=token_chunk,
+                                               vocab_chunk=vocab_chunk))
 
 
 def lens_stats(normed: torch.Tensor, W_U: torch.Tensor, *, targets: torch.Tensor | None = None,
@@ -336,35 +254,12 @@ def lens_stats(normed: torch.Tensor, W_U: torch.Tensor, *, targets: torch.Tensor
     """Per-layer read-out statistics (see `LensStats`) without materialising `[L+1, N, V]` logits.
 
     normed: `[L+1, N, d]` (after the final norm), W_U: `[V, d]`, targets: `[N]` or None.
-    `backend="auto"` uses the first registered backend that applies to `normed` (e.g. a Triton
-    kernel for CUDA tensors) and falls back to `lens_stats_reference`; `"reference"` forces it.
+    `backend`: "auto" (the fused Triton kernel for CUDA tensors when Triton is installed, else the
+    PyTorch reference; a kernel that fails warns and falls back), "reference" or "triton" (see
+    `kernels.dispatch`). `kwargs`: tuning of `kernels.lens_readout.lens_readout` (`token_chunk`,
+    `vocab_chunk`, `blocks`, `precision`).
     """
-    if backend == "auto":
-        _check_stats_inputs(normed, W_U, targets, k)
-        for name, (fn, applies) in _BACKENDS.items():
-            if applies(normed):
-                try:
-                    return fn(normed, W_U, targets=targets, k=k, **kwargs)
-                except Exception as err:  # a kernel that fails to compile must not stop the notebook
-                    warnings.warn(f"lens_stats: the {name!r} backend failed ({type(err).__name__}: {err}); "
-                                  "using the PyTorch reference instead (same numbers, slower). "
-                                  "Pass backend='reference' to skip it.", RuntimeWarning, stacklevel=2)
-                    break
-        return lens_stats_reference(normed, W_U, targets=targets, k=k, **kwargs)
-    if backend == "reference":
-        return lens_stats_reference(normed, W_U, targets=targets, k=k, **kwargs)
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown lens_stats backend {backend!r}; registered: {['auto', 'reference', *_BACKENDS]}")
-    return _BACKENDS[backend][0](normed, W_U, targets=targets, k=k, **kwargs)
-
-
-def _lens_stats_triton(normed: torch.Tensor, W_U: torch.Tensor, **kwargs) -> LensStats:
-    from course_utils.kernels.lens_readout import lens_stats_triton  # imports Triton only when used
-
-    return lens_stats_triton(normed, W_U, **kwargs)
-
-
-register_lens_stats_backend("triton", _lens_stats_triton, applies=use_triton)
+    return LensStats.of(lens_readout(normed, W_U, targets=targets, k=k, backend=backend, **kwargs))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 from course_utils import kernels
 from course_utils import lens as L
 from course_utils import moments as M
+from course_utils.kernels import class_moments, lens_readout
 from course_utils.kernels.spd import sqrt_inv_sqrt_newton
 
 needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="the triton package is not installed")
@@ -27,7 +28,8 @@ def _lens_inputs(R: int, N: int, D: int, V: int, seed: int = 0):
     return normed.to(DEVICE), W.to(DEVICE), targets.to(DEVICE)
 
 
-def _assert_same_stats(got: L.LensStats, want: L.LensStats, with_targets: bool) -> None:
+def _assert_same_stats(got, want, with_targets: bool) -> None:
+    """`got`, `want`: `LensStats` or the kernels' `LensReadout` (the same fields)."""
     for name in ("entropy", "topk_probs", "kl_to_final"):
         a, b = getattr(got, name), getattr(want, name)
         assert a.shape == b.shape, name
@@ -48,17 +50,17 @@ def _assert_same_stats(got: L.LensStats, want: L.LensStats, with_targets: bool) 
     (4, 5, 24, 97, 3, False),      # fewer tokens than a tile, no targets
 ])
 def test_fused_lens_matches_the_reference(R, N, D, V, k, with_targets):
-    from course_utils.kernels.lens_readout import lens_stats_triton
-
     normed, W, targets = _lens_inputs(R, N, D, V)
     t = targets if with_targets else None
-    want = L.lens_stats_reference(normed, W, targets=t, k=k)
-    got = lens_stats_triton(normed, W, targets=t, k=k, blocks=SMALL_BLOCKS)
+    want = lens_readout.lens_readout_reference(normed, W, targets=t, k=k)
+    got = lens_readout.lens_readout_triton(normed, W, targets=t, k=k, blocks=SMALL_BLOCKS)
+    assert isinstance(got, lens_readout.LensReadout) and got.entropy.device == normed.device
     _assert_same_stats(got, want, with_targets)
+    _assert_same_stats(L.LensStats.of(got), L.lens_stats_reference(normed, W, targets=t, k=k), with_targets)
 
 
 @needs_triton
-def test_fused_lens_on_peaked_logits_and_through_the_registry():
+def test_fused_lens_on_peaked_logits_and_through_lens_stats():
     """Large logits (a confident model) stress the online log-sum-exp; dispatch by name works."""
     normed, W, targets = _lens_inputs(3, 20, 32, 200, seed=1)
     normed = normed * 30
@@ -70,11 +72,20 @@ def test_fused_lens_on_peaked_logits_and_through_the_registry():
 
 def test_auto_dispatch_uses_the_kernel_only_on_cuda(monkeypatch):
     calls = []
-    monkeypatch.setitem(L._BACKENDS, "triton", (lambda *a, **kw: calls.append(1), kernels.use_triton))
+    monkeypatch.setattr(lens_readout, "lens_readout_triton", lambda *a, **kw: calls.append(1))
+    monkeypatch.setattr(class_moments, "class_power_sums_triton", lambda *a, **kw: calls.append(2))
     normed, W = torch.randn(2, 3, 8), torch.randn(11, 8)
     L.lens_stats(normed, W, k=2)  # CPU tensor: the reference
+    class_moments.class_power_sums(torch.rand(5, 3), torch.tensor([0, 1, 0, 1, 1]), 2)
     assert calls == []
     assert kernels.use_triton(normed) is False
+    assert kernels.pick_backend(normed, "auto", "test") == "reference"
+    assert kernels.pick_backend(normed, "reference", "test") == "reference"
+    monkeypatch.setattr(kernels, "use_triton", lambda x: True)  # as on a GPU with Triton
+    assert kernels.pick_backend(normed, "auto", "test") == "triton"
+    lens_readout.lens_readout(normed, W, k=2)
+    class_moments.class_power_sums(torch.rand(5, 3), torch.tensor([0, 1, 0, 1, 1]), 2)
+    assert calls == [1, 2]
 
 
 def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
@@ -193,14 +204,46 @@ def test_coordinate_moments_through_the_kernel():
         assert torch.allclose(getattr(got, name).double(), getattr(want, name), atol=1e-4), name
 
 
-def test_auto_dispatch_falls_back_with_a_warning_when_a_kernel_fails(monkeypatch):
+def _kernels_fail(monkeypatch) -> None:
+    """A machine where the kernels should run (CUDA + Triton) but fail to compile."""
     def broken(*args, **kwargs):
         raise RuntimeError("PTX assembly failed")
 
-    monkeypatch.setitem(L._BACKENDS, "triton", (broken, lambda x: True))
+    monkeypatch.setattr(kernels, "use_triton", lambda x: True)
+    monkeypatch.setattr(kernels, "require_triton", lambda x, what: None)
+    monkeypatch.setattr(lens_readout, "lens_readout_triton", broken)
+    monkeypatch.setattr(class_moments, "class_power_sums_triton", broken)
+
+
+def test_auto_dispatch_falls_back_with_a_warning_when_a_kernel_fails(monkeypatch):
+    _kernels_fail(monkeypatch)
     normed, W = torch.randn(2, 3, 8), torch.randn(11, 8)
     with pytest.warns(RuntimeWarning, match="'triton' backend failed.*PTX assembly failed"):
         got = L.lens_stats(normed, W, k=2)
     assert torch.equal(got.topk_ids, L.lens_stats_reference(normed, W, k=2).topk_ids)
     with pytest.raises(RuntimeError, match="PTX"):  # asked for by name: no silent fallback
         L.lens_stats(normed, W, k=2, backend="triton")
+
+
+def test_every_kernel_falls_back_through_the_one_dispatch_rule(monkeypatch):
+    _kernels_fail(monkeypatch)
+    x, y = torch.rand(7, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    with pytest.warns(RuntimeWarning, match="class_power_sums: the 'triton' backend failed.*PTX"):
+        sums, counts = class_moments.class_power_sums(x, y, 3)
+    want = class_moments.class_power_sums_reference(x, y, 3)
+    assert torch.equal(sums, want.sums) and torch.equal(counts, want.counts)
+    with pytest.raises(RuntimeError, match="PTX"):
+        class_moments.class_power_sums(x, y, 3, backend="triton")
+    with pytest.raises(ValueError, match=r"labels must be in 0\.\.1"):  # bad input: an error, no fallback
+        class_moments.class_power_sums(x, y, 2)
+
+
+def test_dispatch_refuses_unknown_backends_and_impossible_triton(monkeypatch):
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="unknown backend 'cuda'.*'auto'.*'reference'.*'triton'"):
+        kernels.dispatch(x, "cuda", reference=lambda: 0, triton=lambda: 1, what="test")
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    with pytest.raises(RuntimeError, match="test: the Triton backend runs on CUDA tensors"):
+        kernels.dispatch(x, "triton", reference=lambda: 0, triton=lambda: 1, what="test")
+    assert kernels.dispatch(x, "auto", reference=lambda: 0, triton=lambda: 1, what="test") == 0

@@ -149,26 +149,29 @@ def test_kl_is_zero_at_the_last_layer_and_positive_before(tiny):
     torch.testing.assert_close(stats.kl_to_final, full.flatten(1), rtol=1e-4, atol=1e-5)
 
 
-def test_lens_stats_dispatches_to_a_registered_backend():
+def test_lens_stats_dispatches_through_the_kernels_rule(monkeypatch):
+    from course_utils import kernels
+    from course_utils.kernels import lens_readout
+
     calls = []
 
     def fake(normed, W_U, **kwargs):
         calls.append(kwargs)
-        return L.lens_stats_reference(normed, W_U, **kwargs)
+        return lens_readout.lens_readout_reference(normed, W_U, targets=kwargs["targets"], k=kwargs["k"])
 
     normed, W_U = torch.randn(2, 3, 4), torch.randn(9, 4)
-    L.register_lens_stats_backend("fake-test", fake, applies=lambda x: x.shape[-1] == 4)
-    try:
-        L.lens_stats(normed, W_U, k=2)
-        assert len(calls) == 1
-        L.lens_stats(normed, W_U, k=2, backend="reference")
-        assert len(calls) == 1
-    finally:
-        L._BACKENDS.pop("fake-test")
-    with pytest.raises(ValueError, match="unknown lens_stats backend"):
+    monkeypatch.setattr(lens_readout, "lens_readout_triton", fake)
+    monkeypatch.setattr(kernels, "use_triton", lambda x: x.shape[-1] == 4)
+    got = L.lens_stats(normed, W_U, k=2)
+    assert len(calls) == 1
+    assert isinstance(got, L.LensStats) and got.entropy.device.type == "cpu"
+    L.lens_stats(normed, W_U, k=2, backend="reference")
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
         L.lens_stats(normed, W_U, backend="nope")
     with pytest.raises(ValueError, match=r"\[L\+1, N, d\]"):
         L.lens_stats(torch.randn(2, 3, 4, 4), W_U)
+    assert not hasattr(L, "register_lens_stats_backend")  # one dispatch rule, in course_utils.kernels
 
 
 def test_small_helpers():

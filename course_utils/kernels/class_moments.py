@@ -13,12 +13,20 @@ sweeps all rows once, accumulating `onehot(y)^T @ (x - a)^p` for the four powers
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-from course_utils.kernels import require_triton, use_triton
+from course_utils.kernels import dispatch, require_triton
 
-__all__ = ["class_power_sums", "class_power_sums_reference"]
+__all__ = ["PowerSums", "class_power_sums", "class_power_sums_reference", "class_power_sums_triton"]
+
+
+class PowerSums(NamedTuple):
+    """`sums [4, C, d]`: `S_p[c, j]` for p = 1..4 (see the module docstring); `counts [C]` int64."""
+
+    sums: torch.Tensor
+    counts: torch.Tensor
 
 _kernel = None
 
@@ -77,34 +85,40 @@ def _check(x: torch.Tensor, y: torch.Tensor, num_classes: int, shift: torch.Tens
 
 
 def class_power_sums_reference(x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                               shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                               shift: torch.Tensor | None = None) -> PowerSums:
     """Plain PyTorch, float64: `(S [4, C, d], counts int64 [C])` (see the module docstring)."""
     shift = _check(x, y, num_classes, shift)
     xc = x.double() - shift.double()
     sums = torch.zeros(4, num_classes, x.shape[1], dtype=torch.float64, device=x.device)
     for p in range(4):
         sums[p].index_add_(0, y.long(), xc ** (p + 1))
-    return sums, torch.bincount(y.long(), minlength=num_classes)
+    return PowerSums(sums, torch.bincount(y.long(), minlength=num_classes))
 
 
 @torch.no_grad()
-def class_power_sums(x: torch.Tensor, y: torch.Tensor, num_classes: int, shift: torch.Tensor | None = None, *,
-                     backend: str = "auto", blocks: tuple[int, int] = (64, 64)) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(S [4, C, d], counts [C])`: the kernel for CUDA tensors (float32 sums), else the reference
-    (float64). `backend`: "auto", "triton" or "reference". `blocks = (rows, coordinates)` tiles."""
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
-    if backend == "reference" or (backend == "auto" and not use_triton(x)):
-        return class_power_sums_reference(x, y, num_classes, shift)
+def class_power_sums_triton(x: torch.Tensor, y: torch.Tensor, num_classes: int, shift: torch.Tensor | None = None,
+                            *, blocks: tuple[int, int] = (64, 64)) -> PowerSums:
+    """The kernel: `(S [4, C, d] float32, counts int64 [C])`. `blocks = (rows, coordinates)` tiles."""
+    shift = _check(x, y, num_classes, shift).float().contiguous()
     require_triton(x, "class_power_sums")
     global _kernel
     if _kernel is None:
         _kernel = _build_kernel()
-    shift = _check(x, y, num_classes, shift).float().contiguous()
     x, y = x.contiguous(), y.to(x.device, torch.int64).contiguous()
     N, D = x.shape
     out = torch.empty(4, num_classes, D, device=x.device, dtype=torch.float32)
     bn, bd = blocks
     _kernel[(math.ceil(D / bd),)](x, y, shift, out, N, D, num_classes,
                                   CP=max(16, 1 << (num_classes - 1).bit_length()), BN=bn, BD=bd)
-    return out, torch.bincount(y, minlength=num_classes)
+    return PowerSums(out, torch.bincount(y, minlength=num_classes))
+
+
+@torch.no_grad()
+def class_power_sums(x: torch.Tensor, y: torch.Tensor, num_classes: int, shift: torch.Tensor | None = None, *,
+                     backend: str = "auto", blocks: tuple[int, int] = (64, 64)) -> PowerSums:
+    """`(S [4, C, d], counts [C])`: the kernel (float32 sums) or the reference (float64), chosen by
+    `kernels.dispatch`: `backend` is "auto", "triton" or "reference". `blocks`: the kernel's tiles."""
+    _check(x, y, num_classes, shift)  # bad input is an error, never a reason to fall back
+    return dispatch(x, backend, what="class_power_sums",
+                    reference=lambda: class_power_sums_reference(x, y, num_classes, shift),
+                    triton=lambda: class_power_sums_triton(x, y, num_classes, shift, blocks=blocks))

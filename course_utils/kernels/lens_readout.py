@@ -1,14 +1,18 @@
-"""The fused logit-lens read-out: a Triton kernel behind `lens.lens_stats(..., backend="triton")`.
+"""The fused logit-lens read-out behind `lens.lens_stats`: a PyTorch reference and a Triton kernel.
 
-For every read-out `l` (layer) and token `n`, with logits `z = normed[l, n] @ W_U.T` (`[V]`), it
-returns the same statistics as `lens.lens_stats_reference` without ever holding `[L+1, N, V]`
-logits: each program owns one layer and a block of tokens, sweeps the vocabulary in tiles,
-computes each tile with `tl.dot`, and carries in registers
+For every read-out `l` (layer) and token `n`, with logits `z = normed[l, n] @ W_U.T` (`[V]`),
+both return the same `LensReadout` (entropy, top-k, KL to the last layer, the target's
+log-probability and rank) without ever holding `[L+1, N, V]` logits:
 
-- the online log-sum-exp: `m = max z`, `s = sum e^(z-m)`, `sz = sum e^(z-m) z` (entropy),
-- the running top-k (logits and ids), the count of logits above the target's, the target's logit.
+- `lens_readout_reference` (PyTorch) takes chunks of tokens and sweeps the vocabulary in chunks
+  with an online log-sum-exp (as in flash attention);
+- `lens_readout_triton`: each program owns one layer and a block of tokens, sweeps the
+  vocabulary in tiles, computes each tile with `tl.dot`, and carries in registers the online
+  log-sum-exp (`m = max z`, `s = sum e^(z-m)`, `sz = sum e^(z-m) z` for the entropy), the running
+  top-k (logits and ids), the count of logits above the target's and the target's logit;
+- `lens_readout(..., backend=)` runs one of them (`kernels.dispatch`).
 
-The KL to the last layer needs no second sweep over the vocabulary per layer. With
+The kernel's KL to the last layer needs no second sweep over the vocabulary per layer. With
 `p_L = softmax(z_L)` and `E = sum_v p_L(v) W_U[v]` (`[N, d]`, the expected unembedding row),
 
     KL(p_L || p_l) = sum_v p_L(v) (z_L(v) - z_l(v)) - log Z_L + log Z_l
@@ -20,13 +24,122 @@ every layer is a dot product in `d`. Memory: `O(N * (d + k))` beyond the inputs.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-from course_utils.kernels import require_triton
+from course_utils.kernels import dispatch, require_triton
 
-__all__ = ["lens_stats_triton"]
+__all__ = ["LensReadout", "check_lens_inputs", "lens_readout", "lens_readout_reference", "lens_readout_triton"]
 
+
+class LensReadout(NamedTuple):
+    """Per-layer read-out statistics of `N` tokens, on the inputs' device (`lens.LensStats` wraps them).
+
+    entropy `[L+1, N]` (nats), topk_ids `[L+1, N, k]` int64 and topk_probs `[L+1, N, k]` (best
+    first), kl_to_final `[L+1, N]` (`KL(p_L || p_l)`, zero at the last layer), and, only with
+    targets, target_logprob `[L+1, N]` and target_rank `[L+1, N]` int64 (0 = top-1), else None.
+    """
+
+    entropy: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_probs: torch.Tensor
+    kl_to_final: torch.Tensor
+    target_logprob: torch.Tensor | None
+    target_rank: torch.Tensor | None
+
+
+def check_lens_inputs(normed: torch.Tensor, W_U: torch.Tensor, targets: torch.Tensor | None, k: int) -> None:
+    """Raise a ValueError that says what to do unless normed `[L+1, N, d]`, W_U `[V, d]`, targets `[N]`, 1 <= k <= V."""
+    if normed.dim() != 3:
+        raise ValueError(f"normed must be [L+1, N, d] (layers, tokens, width), got {tuple(normed.shape)}; "
+                         "flatten batch and positions first: x.flatten(1, -2)")
+    if W_U.dim() != 2 or W_U.shape[1] != normed.shape[-1]:
+        raise ValueError(f"W_U must be [V, d] with d = {normed.shape[-1]}, got {tuple(W_U.shape)}")
+    if targets is not None and tuple(targets.shape) != (normed.shape[1],):
+        raise ValueError(f"targets must be [N] = [{normed.shape[1]}], got {tuple(targets.shape)}")
+    if not 1 <= k <= W_U.shape[0]:
+        raise ValueError(f"k must be between 1 and the vocabulary size {W_U.shape[0]}, got {k}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference (plain PyTorch)
+# ----------------------------------------------------------------------------------------------
+def _merge_topk(tv: torch.Tensor, ti: torch.Tensor, z: torch.Tensor, v0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running top-k (values `tv`, ids `ti`, `[..., k]`) merged with a chunk of logits `z [..., c]` from id `v0`."""
+    k = tv.shape[-1]
+    cv, ci = z.topk(min(k, z.shape[-1]), -1)
+    tv, pick = torch.cat([tv, cv], -1).topk(k, -1)
+    return tv, torch.cat([ti, ci + v0], -1).gather(-1, pick)
+
+
+def _count_above(z: torch.Tensor, z_t: torch.Tensor, tgt: torch.Tensor, v0: int) -> torch.Tensor:
+    """How many logits of the chunk `z [L+1, n, c]` (ids from `v0`) exceed the target's `z_t [L+1, n]`."""
+    gt = z > z_t[..., None]
+    inside = (tgt >= v0) & (tgt < v0 + z.shape[-1])
+    if inside.any():  # the target never counts itself, whatever the rounding
+        cols = (tgt - v0).clamp(0, z.shape[-1] - 1)
+        gt[:, inside, cols[inside]] = False
+    return gt.sum(-1)
+
+
+def _chunk_readout(x: torch.Tensor, W: torch.Tensor, tgt: torch.Tensor | None, k: int,
+                   vocab_chunk: int) -> tuple[torch.Tensor, ...]:
+    """One chunk of tokens x `[L+1, n, d]`: `(entropy, kl, topk_probs, topk_ids, target_logprob, rank)`,
+    the last two None without `tgt`. The vocabulary is swept with an online log-sum-exp, carrying per
+    layer and token the running max `m`, `s = sum e^(z-m)`, `sz = sum e^(z-m) z` (entropy), for the last
+    layer `cross = sum e^(z_L-m_L) (z_L - z_l)` (KL), the running top-k, and the count above the target."""
+    n_read, n, _ = x.shape
+    dev = x.device
+    m = torch.full((n_read, n), -math.inf, device=dev)
+    s, sz, cross = (torch.zeros(n_read, n, device=dev) for _ in range(3))
+    tv = torch.full((n_read, n, k), -math.inf, device=dev)
+    ti = torch.zeros(n_read, n, k, dtype=torch.long, device=dev)
+    if tgt is not None:  # the target's own logit, to count the tokens above it
+        z_t = (x * W[tgt]).sum(-1)
+        above = torch.zeros(n_read, n, dtype=torch.long, device=dev)
+    for v0 in range(0, W.shape[0], vocab_chunk):
+        z = (x @ W[v0 : v0 + vocab_chunk].T).float()  # [L+1, n, c]
+        m_new = torch.maximum(m, z.amax(-1))
+        rescale = torch.exp(m - m_new)
+        e = torch.exp(z - m_new[..., None])
+        s = s * rescale + e.sum(-1)
+        sz = sz * rescale + (e * z).sum(-1)
+        cross = cross * rescale[-1] + (e[-1] * (z[-1] - z)).sum(-1)
+        m = m_new
+        tv, ti = _merge_topk(tv, ti, z, v0)
+        if tgt is not None:
+            above += _count_above(z, z_t, tgt, v0)
+    log_z = m + s.log()
+    kl = (cross / s[-1] - log_z[-1] + log_z).clamp_min(0)
+    tlp, rank = (z_t.float() - log_z, above) if tgt is not None else (None, None)
+    return log_z - sz / s, kl, torch.exp(tv - log_z[..., None]), ti, tlp, rank
+
+
+@torch.no_grad()
+def lens_readout_reference(normed: torch.Tensor, W_U: torch.Tensor, *, targets: torch.Tensor | None = None,
+                           k: int = 5, token_chunk: int = 128, vocab_chunk: int = 8192) -> LensReadout:
+    """Per-layer statistics of `logits = normed @ W_U.T`, streamed, in plain PyTorch.
+
+    normed: `[L+1, N, d]`, the residuals AFTER the final norm (and, for a tuned lens, after the
+    translators); the last layer is the model's output. W_U: `[V, d]`. targets: `[N]` or None.
+    Memory is `O((L+1) * token_chunk * vocab_chunk)`: see `_chunk_readout`.
+    """
+    check_lens_inputs(normed, W_U, targets, k)
+    W = W_U.to(normed.dtype)
+    chunks = [_chunk_readout(normed[:, t0 : t0 + token_chunk], W,
+                             targets[t0 : t0 + token_chunk].to(normed.device) if targets is not None else None,
+                             k, vocab_chunk)
+              for t0 in range(0, max(normed.shape[1], 1), token_chunk)]  # N = 0: one empty chunk
+    entropy, kl, top_p, top_ids, tlp, ranks = (None if part[0] is None else torch.cat(part, 1)
+                                               for part in zip(*chunks))
+    return LensReadout(entropy=entropy, topk_ids=top_ids, topk_probs=top_p, kl_to_final=kl,
+                       target_logprob=tlp, target_rank=ranks)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Triton kernel
+# ----------------------------------------------------------------------------------------------
 _kernel = None
 
 
@@ -138,19 +251,18 @@ def _expected_unembedding(x_last: torch.Tensor, W: torch.Tensor, log_z: torch.Te
 
 
 @torch.no_grad()
-def lens_stats_triton(normed: torch.Tensor, W_U: torch.Tensor, *, targets: torch.Tensor | None = None,
-                      k: int = 5, blocks: tuple[int, int, int] = (64, 128, 64), precision: str | None = None,
-                      vocab_chunk: int = 8192, token_chunk: int | None = None):
-    """`lens.lens_stats` with the fused Triton kernel. normed `[L+1, N, d]`, W_U `[V, d]`, targets `[N]`.
+def lens_readout_triton(normed: torch.Tensor, W_U: torch.Tensor, *, targets: torch.Tensor | None = None,
+                        k: int = 5, blocks: tuple[int, int, int] = (64, 128, 64), precision: str | None = None,
+                        vocab_chunk: int = 8192) -> LensReadout:
+    """`lens_readout_reference` with the fused Triton kernel. normed `[L+1, N, d]`, W_U `[V, d]`, targets `[N]`.
 
     `blocks = (tokens, vocab, width)` tile sizes. `precision`: `tl.dot`'s input precision; for fp32
     inputs the default is "ieee" (exact fp32, like the reference); "tf32" is faster and rounds each
     product's inputs to 10 mantissa bits. bf16/fp16 inputs use the tensor cores as they are.
+    `vocab_chunk`: the vocabulary chunk of the streamed pass that gives `E`.
     """
-    from course_utils.lens import LensStats, _check_stats_inputs
-
-    _check_stats_inputs(normed, W_U, targets, k)
-    require_triton(normed, "lens_stats")
+    check_lens_inputs(normed, W_U, targets, k)
+    require_triton(normed, "lens_readout")
     normed = normed.contiguous()
     W = W_U.to(device=normed.device, dtype=normed.dtype).contiguous()
     if precision is None:
@@ -161,9 +273,24 @@ def lens_stats_triton(normed: torch.Tensor, W_U: torch.Tensor, *, targets: torch
     kl = torch.einsum("lnd,nd->ln", normed[-1:].float() - normed.float(), E) + log_z - log_z[-1:]
     kl[-1] = 0.0
     top_v, order = out["top_v"].sort(-1, descending=True)
-    top_i = out["top_i"].long().gather(-1, order)
     has_t = targets is not None
-    return LensStats(entropy=out["entropy"].cpu(), topk_ids=top_i.cpu(), topk_probs=torch.exp(top_v - log_z[..., None]).cpu(),
-                     kl_to_final=kl.clamp_min(0).cpu(),
-                     target_logprob=(out["t_logit"] - log_z).cpu() if has_t else None,
-                     target_rank=out["above"].long().cpu() if has_t else None)
+    return LensReadout(entropy=out["entropy"], topk_ids=out["top_i"].long().gather(-1, order),
+                       topk_probs=torch.exp(top_v - log_z[..., None]), kl_to_final=kl.clamp_min(0),
+                       target_logprob=out["t_logit"] - log_z if has_t else None,
+                       target_rank=out["above"].long() if has_t else None)
+
+
+def lens_readout(normed: torch.Tensor, W_U: torch.Tensor, *, targets: torch.Tensor | None = None, k: int = 5,
+                 backend: str = "auto", token_chunk: int = 128, vocab_chunk: int = 8192,
+                 blocks: tuple[int, int, int] = (64, 128, 64), precision: str | None = None) -> LensReadout:
+    """The reference or the kernel, as `kernels.dispatch` chooses for `backend` ("auto", "reference", "triton").
+
+    normed `[L+1, N, d]`, W_U `[V, d]`, targets `[N]` or None. `token_chunk` is the reference's,
+    `blocks` and `precision` the kernel's, `vocab_chunk` both's (see each).
+    """
+    check_lens_inputs(normed, W_U, targets, k)  # bad input is an error, never a reason to fall back
+    return dispatch(normed, backend, what="lens_readout",
+                    reference=lambda: lens_readout_reference(normed, W_U, targets=targets, k=k,
+                                                             token_chunk=token_chunk, vocab_chunk=vocab_chunk),
+                    triton=lambda: lens_readout_triton(normed, W_U, targets=targets, k=k, blocks=blocks,
+                                                       precision=precision, vocab_chunk=vocab_chunk))
