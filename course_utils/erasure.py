@@ -30,6 +30,9 @@ Also here:
 - `QuadraticFitter` -> `QuadraticEraser`: match every class's mean AND covariance to a common
   Gaussian (the Wasserstein barycenter) with the Gaussian optimal-transport (Monge) map, as
   concept-erasure's QLEACE does. It needs the labels at erasure time (an "oracle" eraser).
+  The Gaussian numerics (`psd_sqrt`, `gaussian_ot_map` = `gaussian.monge_map`,
+  `wasserstein_barycenter`, the streaming class moments, `flatten_images` = `gaussian.pixels`)
+  come from `course_utils.gaussian`.
 - `linear_probe`, `mlp_probe`, `chance_accuracy`: held-out accuracy of a logistic regression
   (full-batch L-BFGS over mini-batch chunks, so the answer is the unique optimum) and of a small
   MLP (Adam, mini-batches), on the GPU when present.
@@ -46,6 +49,18 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from course_utils.config import CFG
+from course_utils.gaussian import (
+    MomentFitter,
+    gaussian_edit,
+    monge_map,
+    pixels,
+    psd_sqrt,
+    sqrt_inv_sqrt,
+    wasserstein_barycenter,
+)
+
+gaussian_ot_map = monge_map  # notebook 04's name for the Monge map between centred Gaussians
+flatten_images = pixels      # notebook 04's name for images -> pixel vectors in [0, 1]
 
 __all__ = [
     "LeaceEraser",
@@ -97,19 +112,6 @@ def one_hot(z: Tensor, num_classes: int | None = None) -> Tensor:
     return F.one_hot(z.long(), k)
 
 
-def flatten_images(images: Tensor, resolution: int | None = None) -> Tensor:
-    """Images as vectors of pixels in [0, 1]: `[n, c, h, w]` (uint8 0..255 or float) -> `[n, c*h*w]`.
-
-    `resolution=r` first average-pools to `r x r` (e.g. 8 -> 192 numbers per colour image).
-    """
-    if images.dim() != 4:
-        raise ValueError(f"images must be [n, c, h, w], got shape {list(images.shape)}")
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    if resolution is not None and resolution != x.shape[-1]:
-        x = F.adaptive_avg_pool2d(x, resolution)
-    return x.flatten(1)
-
-
 def cross_covariance(x: Tensor, z: Tensor) -> Tensor:
     """`Sigma_xz = 1/(n-1) sum_i (x_i - mean x)(z_i - mean z)^T`: `x` `[n, d]`, `z` one-hot `[n, k]`
     (or class ids `[n]`) -> `[d, k]`. Zero exactly when every class has the same mean."""
@@ -148,18 +150,6 @@ def toy_data(n: int = 500, seed: int = 0) -> tuple[Tensor, Tensor]:
     means = torch.tensor([[-0.8, 0.0], [0.8, 0.0]], dtype=torch.float64)
     x = torch.randn(n, 2, generator=g, dtype=torch.float64) @ cov_half + means[y] + torch.tensor([1.0, 0.5], dtype=torch.float64)
     return x, y
-
-
-def psd_sqrt(a: Tensor, inverse: bool = False) -> Tensor:
-    """Symmetric square root of a PSD matrix (`[..., d, d]`), or its pseudo-inverse (`inverse=True`).
-
-    Eigenvalues below `max_eig * d * eps` (torch.linalg.pinv's rule) count as zero."""
-    a = (a + a.mT) / 2
-    evals, evecs = torch.linalg.eigh(a)
-    mask = evals > evals[..., -1:] * a.shape[-1] * torch.finfo(a.dtype).eps
-    evals = evals.clamp_min(0)
-    scale = torch.where(mask, evals.rsqrt(), torch.zeros_like(evals)) if inverse else evals.sqrt()
-    return (evecs * scale[..., None, :]) @ evecs.mT
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,7 +336,7 @@ class LeaceFitter:
             left = chol @ u
             right = torch.linalg.solve_triangular(chol.T, u, upper=True).T
             return LeaceEraser(left, right.contiguous(), bias)
-        w, w_inv = psd_sqrt(sigma, inverse=True), psd_sqrt(sigma)
+        w_inv, w = sqrt_inv_sqrt(sigma)  # W = Sigma^{+1/2} (pseudo-inverse where singular), W^+
         u, s, _ = torch.linalg.svd(w @ sigma_xz, full_matrices=False)
         u = self._keep(u, s)
         return LeaceEraser(w_inv @ u, (u.T @ w).contiguous(), bias)
@@ -379,38 +369,6 @@ def orth_eraser(x: Tensor, z: Tensor, **kwargs) -> LeaceEraser:
 # --------------------------------------------------------------------------------------------
 # Quadratic erasure: match every class's mean and covariance (Gaussian optimal transport)
 # --------------------------------------------------------------------------------------------
-def gaussian_ot_map(cov_s: Tensor, cov_t: Tensor) -> Tensor:
-    """The Monge map between centred Gaussians `N(0, S) -> N(0, T)` (`[..., d, d]`, batched):
-
-        A = S^{-1/2} (S^{1/2} T S^{1/2})^{1/2} S^{-1/2}      (symmetric, A S A = T)
-
-    the same formula as notebook 03's `monge_map` (pseudo-inverse where S is singular)."""
-    s_half, s_inv_half = psd_sqrt(cov_s), psd_sqrt(cov_s, inverse=True)
-    return s_inv_half @ psd_sqrt(s_half @ cov_t @ s_half) @ s_inv_half
-
-
-def wasserstein_barycenter(covs: Tensor, weights: Tensor | None = None, *, max_iter: int = 100,
-                           tol: float = 1e-10) -> Tensor:
-    """Covariance of the 2-Wasserstein barycenter of centred Gaussians `N(0, covs[c])`.
-
-    `covs` `[k, d, d]`, `weights` `[k]` (default uniform) -> `[d, d]`. Fixed-point iteration of
-    Alvarez-Esteban et al. (2016): `S <- S^{-1/2} (sum_c w_c (S^{1/2} K_c S^{1/2})^{1/2})^2 S^{-1/2}`.
-    """
-    k = len(covs)
-    w = covs.new_full((k,), 1.0 / k) if weights is None else (weights / weights.sum()).to(covs)
-    s = (w[:, None, None] * covs).sum(0)
-    for _ in range(max_iter):
-        half, inv_half = psd_sqrt(s), psd_sqrt(s, inverse=True)
-        inner = (w[:, None, None] * psd_sqrt(half @ covs @ half)).sum(0)
-        new = inv_half @ inner @ inner @ inv_half
-        new = (new + new.T) / 2
-        done = (new - s).norm() <= tol * s.norm()
-        s = new
-        if done:
-            break
-    return s
-
-
 @dataclass(frozen=True, eq=False)
 class QuadraticEraser:
     """Oracle quadratic eraser: `x -> mean + A_z (x - mean_z)` for a sample of class `z`.
@@ -440,12 +398,13 @@ class QuadraticEraser:
         out = torch.empty_like(h)
         for c in torch.unique(z).tolist():
             idx = z == c
-            out[idx] = self.mean + (h[idx] - self.class_means[c]) @ self.ot_maps[c].T
+            out[idx] = gaussian_edit(h[idx], self.class_means[c], self.mean, self.ot_maps[c])
         return out.to(x.device, x.dtype).reshape(shape)
 
 
 class QuadraticFitter:
-    """Per-class means and covariances (float64, streaming) -> `QuadraticEraser`.
+    """Per-class means and covariances (float64, streaming: a `gaussian.MomentFitter`) ->
+    `QuadraticEraser`.
 
         eraser = QuadraticFitter(d, k).update(x, labels).eraser
         x_erased = eraser(x, labels)
@@ -454,50 +413,40 @@ class QuadraticFitter:
     def __init__(self, x_dim: int, num_classes: int, *, device: str | torch.device | None = None,
                  dtype: torch.dtype = torch.float64) -> None:
         self.x_dim, self.num_classes = int(x_dim), int(num_classes)
-        self.n = torch.zeros(num_classes, dtype=dtype, device=device)
-        self.means = torch.zeros(num_classes, x_dim, dtype=dtype, device=device)
-        self.sums_ = torch.zeros(num_classes, x_dim, x_dim, dtype=dtype, device=device)
+        self.moment_fitter = MomentFitter(self.num_classes, self.x_dim, "cpu" if device is None else device, dtype)
         self._eraser: QuadraticEraser | None = None
 
     @classmethod
     def fit(cls, x: Tensor, z: Tensor, num_classes: int | None = None, **kwargs) -> "QuadraticFitter":
+        """A fitter updated once with `x` `[n, d]` (or `[n, *shape]`) and class ids `z` `[n]`."""
         k = num_classes if num_classes is not None else int(z.max()) + 1
         kwargs.setdefault("device", x.device)
         return cls(x[0].numel(), k, **kwargs).update(x, z)
 
     @torch.no_grad()
     def update(self, x: Tensor, z: Tensor) -> "QuadraticFitter":
-        """Add a batch: `x` `[n, d]` (or `[n, *shape]`), `z` class ids `[n]`."""
+        """Add a batch: `x` `[n, d]` (or `[n, *shape]`; uint8 images read as 0..1), `z` class ids `[n]`."""
         if x.dtype == torch.uint8:
             x = x.float() / 255.0
-        x = x.reshape(len(x), -1).to(self.means)
         if z.dim() != 1 or len(z) != len(x):
             raise ValueError("z must be class ids [n]")
-        for c in torch.unique(z).tolist():
-            xc = x[z.to(x.device) == c]
-            self.n[c] += len(xc)
-            d1 = xc - self.means[c]
-            self.means[c] += d1.sum(0) / self.n[c]
-            self.sums_[c].addmm_(d1.T, xc - self.means[c])
+        self.moment_fitter.update(x.reshape(len(x), -1), z)
         self._eraser = None
         return self
 
     @property
     def covs(self) -> Tensor:
         """Per-class covariances `[k, d, d]` (Bessel-corrected)."""
-        if bool((self.n < 2).any()):
-            raise RuntimeError("every class needs at least 2 samples; update() with more data")
-        s = (self.sums_ + self.sums_.mT) / 2
-        return s / (self.n - 1)[:, None, None]
+        return self.moment_fitter.finalize().covs
 
     @property
     def eraser(self) -> QuadraticEraser:
+        """The frozen `QuadraticEraser` for the statistics so far (cached until the next update)."""
         if self._eraser is None:
-            covs = self.covs
-            target = wasserstein_barycenter(covs, self.n)
-            maps = gaussian_ot_map(covs, target)
-            mean = (self.n[:, None] * self.means).sum(0) / self.n.sum()
-            self._eraser = QuadraticEraser(self.means.clone(), mean, maps, target)
+            m = self.moment_fitter.finalize()
+            target = wasserstein_barycenter(m.covs, m.counts.to(m.covs))
+            maps = gaussian_ot_map(m.covs, target)
+            self._eraser = QuadraticEraser(m.means, m.overall_mean, maps, target)
         return self._eraser
 
 

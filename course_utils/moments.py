@@ -11,15 +11,17 @@ or Monge, map) from its class onto another class's, and ask the network what it 
     editor = GaussianEditor.fit(train_images, train_labels, num_classes=10)   # moments + maps
     edited = editor.edit(test_images, source=test_labels, target=targets)     # [N, 3, 32, 32]
 
-The pieces, each a closed form that reads like the paper:
+The Gaussian numerics live in `course_utils.gaussian` and are re-exported here under the names
+notebook 03 uses: `MomentFitter` -> `ClassMoments` (streaming class moments), `fit_class_moments`,
+`sqrtm_psd`, `inv_sqrtm_psd` (symmetric roots; singular input: see `gaussian.sqrt_inv_sqrt`),
+`monge_map(cov_s, cov_t) -> A = S^{-1/2} (S^{1/2} T S^{1/2})^{1/2} S^{-1/2}`, `gaussian_edit`
+(`x' = mu_t + A (x - mu_s)`), the batched `monge_maps` / `class_roots`, and `pixels(images, r)`.
 
-- `MomentFitter` -> `ClassMoments`: streaming per-class mean and covariance, accumulated in
-  float64 (`update(x, y)` batch by batch, then `finalize()`).
-- `sqrtm_psd`, `inv_sqrtm_psd`: symmetric matrix (inverse) square roots through `eigh`, batched.
-- `monge_map(cov_s, cov_t) -> A`: `A = S^{-1/2} (S^{1/2} T S^{1/2})^{1/2} S^{-1/2}`, the optimal
-  map between centred Gaussians; the edit is `x' = mu_t + A (x - mu_s)`.
-- `mean_shift`, `gaussian_edit`, `sample_gaussian`, `quantile_edit` (coordinatewise quantiles: a
-  higher-order edit), `psnr`.
+Here, the edits and what surrounds them:
+
+- `GaussianEditor`: every class's moments, the pairwise Monge maps, batched edits and samples.
+- `mean_shift`, `sample_gaussian`, `quantile_edit` (coordinatewise quantiles: a higher-order
+  edit), `psnr`, `random_targets`, `relative_error`.
 - `coordinate_moments`: every class's per-coordinate mean, variance, skewness and kurtosis in one
   pass (a Triton kernel on CUDA, `kernels.class_moments`).
 - `class_moments_reference`, `sqrtm_reference`: plain one-shot PyTorch versions, the ground
@@ -34,11 +36,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import permutations
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from course_utils.config import CFG
+from course_utils.gaussian import (
+    MATRIX_ROOT_METHODS,
+    NEWTON_TOL,
+    ClassMoments,
+    MomentFitter,
+    add_ridge,
+    as_float_images,
+    class_roots,
+    fit_class_moments,
+    gaussian_edit,
+    inv_sqrtm_psd,
+    monge_map,
+    monge_maps,
+    pixels,
+    sqrt_inv_sqrt,
+    sqrtm_psd,
+)
 
 __all__ = [
     "ClassMoments",
@@ -46,6 +66,7 @@ __all__ = [
     "GaussianEditor",
     "MATRIX_ROOT_METHODS",
     "MomentFitter",
+    "NEWTON_TOL",
     "apply_delta",
     "CoordinateMoments",
     "class_roots",
@@ -70,39 +91,8 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------
-# Images <-> pixel vectors
+# Pixel vectors -> images
 # --------------------------------------------------------------------------------------------
-def _as_float_images(images: torch.Tensor) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor):
-        images = torch.as_tensor(images)
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be [N, 3, H, W] (channels first), got shape {list(images.shape)}")
-    if images.dtype == torch.uint8:
-        return images.float() / 255.0
-    if not torch.is_floating_point(images):
-        raise TypeError(f"images must be uint8 (0..255) or float (0..1), got {images.dtype}")
-    return images.float()
-
-
-def pixels(images: torch.Tensor, resolution: int | None = None) -> torch.Tensor:
-    """Images as pixel vectors in [0, 1].
-
-    `images`: uint8 (0..255) or float (0..1) `[N, 3, H, W]` -> float32 `[N, 3*r*r]`, channel-major
-    (`reshape(N, -1)` order), where `r = resolution` (default `H`). When `r < H`, each `H/r x H/r`
-    block is averaged first (`r` must divide `H`).
-    """
-    x = _as_float_images(images)
-    h = x.shape[-1]
-    r = h if resolution is None else int(resolution)
-    if x.shape[-2] != h:
-        raise ValueError(f"images must be square, got {list(x.shape[-2:])}")
-    if r < 1 or h % r:
-        raise ValueError(f"resolution must divide the image size {h} (e.g. {h} or {h // 2}), got {resolution}")
-    if r != h:
-        x = F.avg_pool2d(x, h // r)
-    return x.reshape(len(x), -1)
-
-
 def to_images(vectors: torch.Tensor, size: int = 32, clamp: bool = True) -> torch.Tensor:
     """Pixel vectors `[N, 3*r*r]` -> float images `[N, 3, size, size]` (nearest upsampling when
     `r < size`), clamped to [0, 1] unless `clamp=False`."""
@@ -127,7 +117,7 @@ def apply_delta(images: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
     `pixels(result, r) == after` exactly (before clamping) while the detail finer than `r x r`
     is left as it was. Clamped to [0, 1] unless `clamp=False`.
     """
-    x = _as_float_images(images)
+    x = as_float_images(images)
     if before.shape != after.shape or before.shape[0] != x.shape[0]:
         raise ValueError(f"before {list(before.shape)} and after {list(after.shape)} must both be "
                          f"[N, 3*r*r] with N = {x.shape[0]} images")
@@ -136,100 +126,8 @@ def apply_delta(images: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
 
 
 # --------------------------------------------------------------------------------------------
-# Streaming class-conditional moments
+# Per-coordinate moments, and the plain references
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True, eq=False)
-class ClassMoments:
-    """Per-class first and second moments (the frozen result of `MomentFitter`).
-
-    - `means`: float64 `[C, d]`
-    - `covs`: float64 `[C, d, d]`, unbiased (divided by `n_c - 1`)
-    - `counts`: int64 `[C]`, the number of samples of each class
-    """
-
-    means: torch.Tensor
-    covs: torch.Tensor
-    counts: torch.Tensor
-
-    @property
-    def num_classes(self) -> int:
-        return self.means.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.means.shape[1]
-
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ClassMoments":
-        """The same moments on `device` / in `dtype` (counts stay int64)."""
-        return ClassMoments(self.means.to(device=device, dtype=dtype), self.covs.to(device=device, dtype=dtype),
-                            self.counts.to(device=device))
-
-    def __repr__(self) -> str:
-        return (f"ClassMoments(classes={self.num_classes}, dim={self.dim}, "
-                f"counts={self.counts.tolist()}, dtype={self.means.dtype})")
-
-
-@dataclass(eq=False)
-class MomentFitter:
-    """Streaming per-class mean and covariance, accumulated in float64.
-
-        fitter = MomentFitter(num_classes=10, dim=3072)
-        for x, y in batches:          # x: [b, d] (or images [b, 3, H, W]), y: int [b]
-            fitter.update(x, y)
-        moments = fitter.finalize()   # ClassMoments(means [C, d], covs [C, d, d], counts [C])
-
-    Keeps `n_c`, `sum_c x` and `sum_c x x^T` per class; `finalize` returns
-    `mu_c = sum x / n_c` and `Sigma_c = (sum x x^T - n_c mu_c mu_c^T) / (n_c - 1)`.
-    """
-
-    num_classes: int
-    dim: int
-    device: str | torch.device = "cpu"
-    counts: torch.Tensor = field(init=False, repr=False)
-    sums: torch.Tensor = field(init=False, repr=False)
-    outer: torch.Tensor = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.num_classes < 1 or self.dim < 1:
-            raise ValueError(f"num_classes and dim must be positive, got {self.num_classes}, {self.dim}")
-        kw = dict(device=self.device, dtype=torch.float64)
-        self.counts = torch.zeros(self.num_classes, device=self.device, dtype=torch.int64)
-        self.sums = torch.zeros(self.num_classes, self.dim, **kw)
-        self.outer = torch.zeros(self.num_classes, self.dim, self.dim, **kw)
-
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> "MomentFitter":
-        """Add a batch: `x` `[b, d]` (images `[b, 3, H, W]` are flattened), `y` int `[b]`."""
-        if x.ndim > 2:
-            x = x.reshape(len(x), -1)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"x must be [batch, {self.dim}], got shape {list(x.shape)}")
-        y = torch.as_tensor(y, device=x.device)
-        if y.shape != (len(x),) or y.is_floating_point():
-            raise ValueError(f"y must be integer class indices of shape [{len(x)}], got {y.dtype} {list(y.shape)}")
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise ValueError(f"labels must be in 0..{self.num_classes - 1}, got {int(y.min())}..{int(y.max())}")
-        x = x.to(self.device, torch.float64)
-        y = y.to(self.device).long()
-        self.counts += torch.bincount(y, minlength=self.num_classes)
-        self.sums.index_add_(0, y, x)
-        for c in torch.unique(y).tolist():
-            xc = x[y == c]
-            self.outer[c] += xc.T @ xc
-        return self
-
-    def finalize(self) -> ClassMoments:
-        """The means and unbiased covariances so far. Every class needs at least 2 samples."""
-        few = [c for c, n in enumerate(self.counts.tolist()) if n < 2]
-        if few:
-            raise ValueError(f"classes {few} have fewer than 2 samples: a covariance needs at least 2. "
-                             f"Feed more data (or fewer classes) before finalize().")
-        n = self.counts.to(torch.float64)
-        means = self.sums / n[:, None]
-        covs = (self.outer - n[:, None, None] * means[:, :, None] * means[:, None, :]) / (n - 1)[:, None, None]
-        covs = 0.5 * (covs + covs.transpose(-1, -2))
-        return ClassMoments(means, covs, self.counts.clone())
-
-
 @dataclass(frozen=True)
 class CoordinateMoments:
     """Per-class, per-coordinate moments `[C, d]` (population, i.e. divided by `n_c`), from
@@ -275,113 +173,28 @@ def class_moments_reference(x: torch.Tensor, y: torch.Tensor, num_classes: int
     return torch.stack(means), torch.stack(covs), torch.tensor(counts, dtype=torch.int64)
 
 
-def fit_class_moments(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, batch_size: int = 2048,
-                      device: str | torch.device | None = None, progress: bool = True) -> ClassMoments:
-    """`MomentFitter` over `x` `[N, d]` in batches of `batch_size`, with a progress bar.
-    `device`: where the float64 sums live (default: CUDA when available, else the CPU)."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    fitter = MomentFitter(num_classes, x.shape[1], device)
-    for i in tqdm(range(0, len(x), batch_size), desc="class moments", disable=not progress):
-        fitter.update(x[i:i + batch_size], y[i:i + batch_size])
-    return fitter.finalize()
-
-
-# --------------------------------------------------------------------------------------------
-# Symmetric matrix square roots
-# --------------------------------------------------------------------------------------------
-def _sym(mat: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (mat + mat.transpose(-1, -2))
-
-
-def _check_square(mat: torch.Tensor, name: str = "mat") -> None:
-    if mat.ndim < 2 or mat.shape[-1] != mat.shape[-2]:
-        raise ValueError(f"{name} must be a (batch of) square matrices [..., d, d], got {list(mat.shape)}")
-
-
-def _add_ridge(mat: torch.Tensor, ridge: float) -> torch.Tensor:
-    """`mat + ridge * (trace / d) * I`: a ridge relative to the mean eigenvalue."""
-    if ridge <= 0:
-        return mat
-    d = mat.shape[-1]
-    scale = torch.diagonal(mat, dim1=-2, dim2=-1).mean(-1)[..., None, None]
-    return mat + ridge * scale * torch.eye(d, dtype=mat.dtype, device=mat.device)
-
-
-def _eig_powers(mat: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """From one `eigh`: `(mat^{1/2}, mat^{-1/2})` of `mat + ridge*(tr/d)*I`, batched `[..., d, d]`."""
-    evals, evecs = torch.linalg.eigh(_sym(_add_ridge(mat, ridge)))
-    top = evals.amax(-1, keepdim=True).clamp_min(torch.finfo(evals.dtype).tiny)
-    if bool((evals <= top * 1e3 * torch.finfo(evals.dtype).eps).any()):
-        worst = float((evals / top).min())
-        raise ValueError(f"the matrix is singular or not positive definite (smallest/largest eigenvalue "
-                         f"{worst:.2e}); its inverse square root does not exist. Pass ridge > 0 "
-                         f"(e.g. ridge=1e-3) to add a small multiple of the identity.")
-    root = evals.sqrt()
-    half = (evecs * root[..., None, :]) @ evecs.transpose(-1, -2)
-    inv_half = (evecs / root[..., None, :]) @ evecs.transpose(-1, -2)
-    return _sym(half), _sym(inv_half)
-
-
-def sqrtm_psd(mat: torch.Tensor) -> torch.Tensor:
-    """The symmetric PSD square root `mat^{1/2} = V diag(sqrt(max(lambda, 0))) V^T`.
-
-    `mat`: symmetric positive semi-definite `[..., d, d]` (batched) -> `[..., d, d]`, symmetric,
-    with `root @ root == mat`. Tiny negative eigenvalues from round-off are clamped to 0.
-    """
-    _check_square(mat)
-    evals, evecs = torch.linalg.eigh(_sym(mat))
-    return _sym((evecs * evals.clamp_min(0).sqrt()[..., None, :]) @ evecs.transpose(-1, -2))
-
-
-def inv_sqrtm_psd(mat: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
-    """The symmetric inverse square root `(mat + ridge * (tr/d) I)^{-1/2}`, batched `[..., d, d]`.
-
-    Raises a `ValueError` asking for `ridge > 0` when the matrix is (numerically) singular.
-    """
-    _check_square(mat)
-    return _eig_powers(mat, ridge)[1]
-
-
 def sqrtm_reference(mat: torch.Tensor) -> torch.Tensor:
     """Plain reference for `sqrtm_psd` (one matrix `[d, d]`, float64 eigh)."""
-    evals, evecs = torch.linalg.eigh(_sym(mat.double()))
+    evals, evecs = torch.linalg.eigh(0.5 * (mat.double() + mat.double().T))
     return (evecs @ torch.diag(evals.clamp_min(0).sqrt()) @ evecs.T).to(mat.dtype)
 
 
+# The old private names, kept for `bench.py` and `tests/test_kernels.py`.
+_add_ridge = add_ridge
+
+
+def _eig_powers(mat: torch.Tensor, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gaussian.sqrt_inv_sqrt(mat, ridge=ridge)`: `(mat^{1/2}, mat^{+1/2})` `[..., d, d]`."""
+    return sqrt_inv_sqrt(mat, ridge=ridge)
+
+
 # --------------------------------------------------------------------------------------------
-# The Gaussian Monge map and the edits
+# The edits, sampling, scores
 # --------------------------------------------------------------------------------------------
-def monge_map(cov_s: torch.Tensor, cov_t: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
-    """The optimal transport map between centred Gaussians `N(0, cov_s) -> N(0, cov_t)`.
-
-        A = S^{-1/2} (S^{1/2} T S^{1/2})^{1/2} S^{-1/2},   S = cov_s, T = cov_t
-
-    `cov_s`, `cov_t`: SPD `[..., d, d]` (batched; they broadcast) -> `A` `[..., d, d]`, symmetric
-    positive definite, with `A S A = T`. Same convention as POT's
-    `ot.gaussian.bures_wasserstein_mapping`. `ridge > 0` first adds `ridge * (tr/d) * I` to both
-    covariances (for ill-conditioned sample covariances); then `A` maps the ridged ones exactly.
-    """
-    _check_square(cov_s, "cov_s")
-    _check_square(cov_t, "cov_t")
-    if cov_s.shape[-1] != cov_t.shape[-1]:
-        raise ValueError(f"cov_s {list(cov_s.shape)} and cov_t {list(cov_t.shape)} must have the same d")
-    s_half, s_inv_half = _eig_powers(cov_s, ridge)
-    middle = sqrtm_psd(s_half @ _add_ridge(_sym(cov_t), ridge) @ s_half)
-    return _sym(s_inv_half @ middle @ s_inv_half)
-
-
 def mean_shift(x: torch.Tensor, mu_s: torch.Tensor, mu_t: torch.Tensor, clamp: bool = True) -> torch.Tensor:
     """First-order edit `x + mu_t - mu_s`, clamped to [0, 1]. `x` `[N, d]`, `mu_*` `[d]` or `[N, d]`."""
     out = x + (mu_t - mu_s).to(x.dtype)
     return out.clamp(0, 1) if clamp else out
-
-
-def gaussian_edit(x: torch.Tensor, mu_s: torch.Tensor, mu_t: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """Second-order edit `x' = mu_t + A (x - mu_s)` for row vectors: `x` `[N, d]`, `mu_*` `[d]`,
-    `A` symmetric `[d, d]` -> `[N, d]` (not clamped, so that its moments are exact)."""
-    A = A.to(x.dtype)
-    return mu_t.to(x.dtype) + (x - mu_s.to(x.dtype)) @ A.T
 
 
 def sample_gaussian(mean: torch.Tensor, cov: torch.Tensor, n: int,
@@ -452,68 +265,6 @@ def quantile_edit(x: torch.Tensor, q_s: torch.Tensor, q_t: torch.Tensor, levels:
     return _interp(ranks, levels.float()[:, None].expand_as(q_t).contiguous(), q_t.float())
 
 
-# --------------------------------------------------------------------------------------------
-# The editor: every class's moments, the pairwise maps, batched edits
-# --------------------------------------------------------------------------------------------
-MATRIX_ROOT_METHODS = ("eigh", "newton")
-NEWTON_TOL = 1e-5
-
-
-def _powers(mats: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(M^{1/2}, M^{-1/2})` of SPD `mats` `[b, d, d]` (already ridged). `method="newton"` uses
-    Newton–Schulz iterations (`kernels.spd`) and falls back to `eigh` for every matrix whose
-    residual is above `NEWTON_TOL` (or not finite): accuracy first."""
-    if method not in MATRIX_ROOT_METHODS:
-        raise ValueError(f"method must be one of {MATRIX_ROOT_METHODS}, got {method!r}")
-    if method == "eigh":
-        return _eig_powers(mats, 0.0)
-    from course_utils.kernels.spd import sqrt_inv_sqrt_newton
-
-    half, inv_half, residual = sqrt_inv_sqrt_newton(mats, tol=NEWTON_TOL)
-    bad = ~(residual < NEWTON_TOL)
-    if bool(bad.any()):
-        half[bad], inv_half[bad] = _eig_powers(mats[bad], 0.0)
-    return half, inv_half
-
-
-def class_roots(covs: torch.Tensor, classes: Sequence[int] | None = None, *, ridge: float = 1e-3,
-                chunk: int = 8, method: str = "eigh") -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """`{c: (Sigma_c^{1/2}, Sigma_c^{-1/2})}` of the ridged covariances `covs` `[C, d, d]`, one batched
-    `eigh` (or Newton–Schulz run, `method="newton"`) per chunk of classes (default: every class)."""
-    classes = list(range(len(covs))) if classes is None else sorted(set(classes))
-    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for k in range(0, len(classes), chunk):
-        group = classes[k:k + chunk]
-        h, ih = _powers(_add_ridge(covs[group], ridge), method)
-        out.update({c: (h[i], ih[i]) for i, c in enumerate(group)})
-    return out
-
-
-def monge_maps(moments: ClassMoments, pairs: Sequence[tuple[int, int]], *, ridge: float = 1e-3,
-               chunk: int = 8, dtype: torch.dtype = torch.float32, progress: bool = True,
-               roots: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
-               method: str = "eigh") -> torch.Tensor:
-    """The Monge maps of many class pairs, batched: `[len(pairs), d, d]` in `dtype`.
-
-    One `eigh` per source class for `Sigma_s^{+-1/2}` (or pass them as `roots`, from
-    `class_roots`), then one batched `eigh` per chunk of pairs for the middle square root, all on
-    the moments' device (the GPU, when they are there). `method="newton"` replaces each `eigh` by
-    Newton–Schulz matrix products where they converge (see `kernels.spd`).
-    """
-    covs = moments.covs
-    if roots is None:
-        roots = class_roots(covs, [s for s, _ in pairs], ridge=ridge, chunk=chunk, method=method)
-    out = torch.empty(len(pairs), moments.dim, moments.dim, dtype=dtype, device=covs.device)
-    for k in tqdm(range(0, len(pairs), chunk), desc="Monge maps", disable=not progress):
-        part = pairs[k:k + chunk]
-        h = torch.stack([roots[s][0] for s, _ in part])
-        ih = torch.stack([roots[s][1] for s, _ in part])
-        t = _add_ridge(covs[[t for _, t in part]], ridge)
-        middle = sqrtm_psd(h @ t @ h) if method == "eigh" else _powers(_sym(h @ t @ h), method)[0]
-        out[k:k + len(part)] = _sym(ih @ middle @ ih).to(dtype)
-    return out
-
-
 @dataclass(frozen=True, eq=False)
 class GaussianEditor:
     """Every class's Gaussian moments and the Monge maps between pairs of classes.
@@ -545,10 +296,9 @@ class GaussianEditor:
         Monge maps of `pairs` (default: all `C*(C-1)` ordered pairs of different classes).
         `resolution`: the side of the pixel grid the moments live on (default: the image size).
 
-        `device`: where the linear algebra runs (default: CUDA when available).
+        `device`: where the linear algebra runs (default `CFG.device`).
         """
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = CFG.device if device is None else device
         resolution = int(images.shape[-1]) if resolution is None else int(resolution)
         fitter = MomentFitter(num_classes, 3 * resolution * resolution, device)
         for i in tqdm(range(0, len(images), batch_size), desc="class moments", disable=not progress):

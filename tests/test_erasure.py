@@ -17,13 +17,11 @@ from course_utils.erasure import (
     cross_covariance,
     distortion,
     first_step_above,
-    gaussian_ot_map,
     leace_eraser,
     linear_probe,
     mlp_probe,
     one_hot,
     orth_eraser,
-    wasserstein_barycenter,
 )
 
 F64 = torch.float64
@@ -94,17 +92,6 @@ def test_quadratic_matches_concept_erasure():
     theirs = ce.QuadraticFitter(6, 4, dtype=F64, shrinkage=False).update(x, y).eraser
     ours = QuadraticFitter(6, 4).update(x, y).eraser
     torch.testing.assert_close(ours(x, y), theirs(x, y), atol=1e-6, rtol=1e-6)
-
-
-def test_ot_map_matches_pot():
-    ot = pytest.importorskip("ot")
-    g = torch.Generator().manual_seed(7)
-    a, b = torch.randn(2, 5, 5, generator=g, dtype=F64)
-    s, t = a @ a.T + 0.1 * torch.eye(5, dtype=F64), b @ b.T + 0.1 * torch.eye(5, dtype=F64)
-    A, _ = ot.gaussian.bures_wasserstein_mapping(np.zeros(5), np.zeros(5), s.numpy(), t.numpy())
-    torch.testing.assert_close(gaussian_ot_map(s, t), torch.from_numpy(np.asarray(A)), atol=1e-8, rtol=1e-6)
-    m = gaussian_ot_map(s, t)
-    torch.testing.assert_close(m @ s @ m, t, atol=1e-8, rtol=1e-8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,6 +192,27 @@ def test_frozen_eraser_fields():
         eraser.bias = None  # frozen
 
 
+def test_quadratic_fitter_streams_the_shared_class_moments():
+    x, y = _data(17, n=500, d=7, k=3)
+    fitter = QuadraticFitter(7, 3)
+    for xb, yb in zip(x.split(61), y.split(61)):
+        fitter.update(xb, yb)
+    for c in range(3):
+        torch.testing.assert_close(fitter.covs[c], torch.cov(x[y == c].T), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(fitter.eraser(x, y), QuadraticFitter.fit(x, y).eraser(x, y), atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(fitter.eraser.mean, x.mean(0), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="class ids"):
+        fitter.update(x[:4], torch.zeros(4, 2))
+
+
+def test_erasure_uses_the_shared_gaussian_numerics():
+    from course_utils import erasure as E
+    from course_utils import gaussian as G
+
+    assert E.gaussian_ot_map is G.monge_map and E.psd_sqrt is G.psd_sqrt and E.flatten_images is G.pixels
+    assert E.wasserstein_barycenter is G.wasserstein_barycenter
+
+
 def test_quadratic_eraser_matches_class_means_and_covariances():
     x, y = _data(12, n=900, d=5, k=3)
     eraser = QuadraticFitter.fit(x, y).eraser
@@ -213,13 +221,6 @@ def test_quadratic_eraser_matches_class_means_and_covariances():
         torch.testing.assert_close(xe[y == c].mean(0), eraser.mean, atol=1e-9, rtol=0)
         torch.testing.assert_close(torch.cov(xe[y == c].T), eraser.target_cov, atol=1e-8, rtol=1e-8)
     assert cross_covariance(xe, y).abs().max() < 1e-9
-
-
-def test_barycenter_of_identical_covariances_is_that_covariance():
-    g = torch.Generator().manual_seed(13)
-    a = torch.randn(4, 4, generator=g, dtype=F64)
-    s = a @ a.T + torch.eye(4, dtype=F64)
-    torch.testing.assert_close(wasserstein_barycenter(torch.stack([s, s, s])), s, atol=1e-9, rtol=1e-9)
 
 
 # --------------------------------------------------------------------------------------------

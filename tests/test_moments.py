@@ -1,8 +1,8 @@
-"""Tests for course_utils.moments (notebook 03): the Monge map against POT and by hand, its
-invariants, streaming moments, the editor, the checks' known mistakes, and the plots."""
+"""Tests for course_utils.moments (notebook 03): the edits, sampling, the editor, the checks' known
+mistakes, and the plots. The shared Gaussian numerics (Monge map, roots, streaming moments) are
+tested in test_gaussian.py."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,65 +20,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# The Monge map
+# The edits (the Monge map, roots and streaming moments are tested in test_gaussian.py)
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("d", [2, 3, 10, 50, 128])
-def test_monge_map_matches_pot(d: int) -> None:
-    ot = pytest.importorskip("ot")
-    S, T = _spd(d, d), _spd(d, 1000 + d, scale=3.0)
-    A = M.monge_map(S, T)
-    # POT: bures_wasserstein_mapping(ms, mt, Cs, Ct) -> (A, b), with x -> x A + b (row vectors)
-    A_pot, b_pot = ot.gaussian.bures_wasserstein_mapping(np.zeros(d), np.zeros(d), S.numpy(), T.numpy())
-    A_pot = torch.as_tensor(np.asarray(A_pot))
-    assert _rel(A, A_pot) < 1e-5
-    mu_s, mu_t = torch.rand(d, dtype=torch.float64), torch.rand(d, dtype=torch.float64)
-    _, b = ot.gaussian.bures_wasserstein_mapping(mu_s.numpy(), mu_t.numpy(), S.numpy(), T.numpy())
-    x = torch.randn(7, d, dtype=torch.float64)
-    ours = M.gaussian_edit(x, mu_s, mu_t, A)
-    theirs = x @ A_pot + torch.as_tensor(np.asarray(b)).reshape(1, d)
-    assert _rel(ours, theirs) < 1e-5
+def test_moments_reexports_the_shared_gaussian_numerics() -> None:
+    from course_utils import gaussian as G
 
-
-def test_monge_map_hand_computed_2d() -> None:
-    # diagonal covariances: A = diag(sqrt(t_i / s_i))
-    S = torch.diag(torch.tensor([4.0, 0.25], dtype=torch.float64))
-    T = torch.diag(torch.tensor([1.0, 9.0], dtype=torch.float64))
-    A = M.monge_map(S, T)
-    assert torch.allclose(A, torch.diag(torch.tensor([0.5, 6.0], dtype=torch.float64)), atol=1e-12)
-    # a rotated pair: S = R diag(s) R^T, T = R diag(t) R^T commute, so A = R diag(sqrt(t/s)) R^T
-    c, s = np.cos(0.3), np.sin(0.3)
-    R = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
-    S2 = R @ torch.diag(torch.tensor([2.0, 0.5], dtype=torch.float64)) @ R.T
-    T2 = R @ torch.diag(torch.tensor([8.0, 0.125], dtype=torch.float64)) @ R.T
-    expected = R @ torch.diag(torch.tensor([2.0, 0.5], dtype=torch.float64)) @ R.T
-    assert torch.allclose(M.monge_map(S2, T2), expected, atol=1e-12)
-
-
-@pytest.mark.parametrize("d", [2, 8, 40])
-def test_monge_map_invariants(d: int) -> None:
-    S, T = _spd(d, 7 * d, 0.5), _spd(d, 7 * d + 1, 2.0)
-    A = M.monge_map(S, T)
-    assert _rel(A @ S @ A, T) < 1e-10                      # pushes N(0, S) onto N(0, T)
-    assert torch.equal(A, A.T)                              # symmetric
-    assert torch.linalg.eigvalsh(A).min() > 0               # positive definite
-    assert torch.allclose(M.monge_map(S, S), torch.eye(d, dtype=torch.float64), atol=1e-9)  # class -> itself
-    assert _rel(M.monge_map(T, S), torch.linalg.inv(A)) < 1e-8  # the reverse map is the inverse
-
-
-def test_monge_map_batched_and_ridge() -> None:
-    S = torch.stack([_spd(5, 1), _spd(5, 2)])
-    T = torch.stack([_spd(5, 3), _spd(5, 4)])
-    A = M.monge_map(S, T)
-    for k in range(2):
-        assert torch.allclose(A[k], M.monge_map(S[k], T[k]), atol=1e-10)
-    # a singular covariance needs a ridge; with it, the map is exact for the ridged covariances
-    v = torch.randn(5, 2, dtype=torch.float64)
-    singular = v @ v.T
-    with pytest.raises(ValueError, match="ridge"):
-        M.monge_map(singular, T[0])
-    A_r = M.monge_map(singular, T[0], ridge=1e-3)
-    ridged = lambda m: m + 1e-3 * m.diagonal().mean() * torch.eye(5, dtype=torch.float64)  # noqa: E731
-    assert _rel(A_r @ ridged(singular) @ A_r, ridged(T[0])) < 1e-8
+    for name in ["ClassMoments", "MomentFitter", "fit_class_moments", "sqrtm_psd", "inv_sqrtm_psd", "monge_map",
+                 "monge_maps", "class_roots", "gaussian_edit", "pixels", "MATRIX_ROOT_METHODS", "NEWTON_TOL"]:
+        assert getattr(M, name) is getattr(G, name), name
+        assert name in M.__all__, name
 
 
 def test_edited_samples_have_the_target_moments() -> None:
@@ -97,45 +47,8 @@ def test_edited_samples_have_the_target_moments() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Square roots, moments, sampling, quantiles, PSNR
+# Sampling, quantiles, PSNR
 # --------------------------------------------------------------------------------------------
-def test_sqrtm_psd() -> None:
-    S = torch.stack([_spd(6, 1), _spd(6, 2, 10.0)])
-    R = M.sqrtm_psd(S)
-    assert torch.allclose(R @ R, S, atol=1e-10)
-    assert torch.equal(R, R.transpose(-1, -2))
-    assert torch.allclose(R[0], M.sqrtm_reference(S[0]), atol=1e-12)
-    I = M.inv_sqrtm_psd(S)
-    assert torch.allclose(I @ S @ I, torch.eye(6, dtype=torch.float64).expand(2, 6, 6), atol=1e-9)
-    q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))
-    almost = q @ torch.diag(torch.tensor([1.0, 0.5, 0.0, -1e-14], dtype=torch.float64)) @ q.T
-    assert torch.isfinite(M.sqrtm_psd(almost)).all()       # tiny negative eigenvalues are clamped
-    with pytest.raises(ValueError, match="square"):
-        M.sqrtm_psd(torch.zeros(3, 4))
-
-
-def test_streaming_moments_match_reference() -> None:
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(500, 12, generator=g) + 100.0            # a large offset: float64 sums matter
-    y = torch.randint(0, 4, (500,), generator=g)
-    fitter = M.MomentFitter(num_classes=4, dim=12)
-    for i in range(0, 500, 64):
-        fitter.update(x[i:i + 64], y[i:i + 64])
-    res = fitter.finalize()
-    means, covs, counts = M.class_moments_reference(x, y, 4)
-    assert res.means.dtype == torch.float64 and res.covs.shape == (4, 12, 12)
-    assert torch.equal(res.counts, counts)
-    assert torch.allclose(res.means, means, atol=1e-10)
-    assert torch.allclose(res.covs, covs, atol=1e-9)
-    # images are flattened; bad input is a clear error
-    img_fitter = M.MomentFitter(2, 3 * 2 * 2).update(torch.rand(6, 3, 2, 2), torch.tensor([0, 1] * 3))
-    assert img_fitter.finalize().means.shape == (2, 12)
-    with pytest.raises(ValueError, match="fewer than 2"):
-        M.MomentFitter(3, 2).update(torch.rand(4, 2), torch.tensor([0, 0, 1, 1])).finalize()
-    with pytest.raises(ValueError, match="labels"):
-        M.MomentFitter(2, 2).update(torch.rand(2, 2), torch.tensor([0, 5]))
-
-
 def test_sample_gaussian_moments() -> None:
     g = torch.Generator().manual_seed(2)
     mean, cov = torch.tensor([0.2, -1.0, 3.0], dtype=torch.float64), _spd(3, 5)
