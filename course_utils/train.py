@@ -31,6 +31,7 @@ uint8 in 0..255, or floats in about [0, 1] (edited images may go slightly outsid
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -293,6 +294,17 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 # --------------------------------------------------------------------------------------------
 # The configuration of one run
 # --------------------------------------------------------------------------------------------
+def _checkpoint_steps(spec: str | Sequence[int] | None, total: int) -> tuple[int, ...]:
+    """`"log"` -> `log_steps(total)`, `None` -> `()`, a list of steps -> those steps."""
+    if spec is None:
+        return ()
+    if isinstance(spec, str):
+        if spec != "log":
+            raise ValueError(f'checkpoints must be "log", a list of steps or None, got {spec!r}')
+        return tuple(log_steps(total))
+    return tuple(int(s) for s in spec)
+
+
 _CONFIG_KEYS = (
     "mode", "n_train", "num_classes", "epochs", "batch_size", "steps_per_epoch", "total_steps", "lr",
     "lr_bias", "width", "label_smoothing", "augment", "translate", "seed", "whiten", "device", "autocast",
@@ -307,9 +319,7 @@ class TrainConfig(Mapping):
 
     Build it with `TrainConfig.from_recipe(n_train, num_classes, ...)` (the recipe's defaults, the
     arguments of `train_classifier`), or directly. Construction normalises and checks every value
-    in one place: `width` may be given as an int `w` (-> `(w, 4w, 4w)`), `checkpoint_steps` as
-    `"log"` (steps 1, 2, 4, ... plus the last), a list of steps (0 = the initial weights) or `None`;
-    both are stored as tuples. `compile` is on only on CUDA.
+    in one place (`__post_init__`); `compile` is on only on CUDA.
 
     It reads like the dict it replaces: `config["width"]`, `dict(config)`, `config.keys()`; the
     derived values (`steps_per_epoch`, `total_steps`, `lr_bias`, `translate`, `autocast`) are
@@ -355,25 +365,15 @@ class TrainConfig(Mapping):
         put("lr", float(self.lr))
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        put("width", _widths(self.width))
+        put("width", _widths(self.width))  # three positive ints
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        put("checkpoint_steps", self._resolve_checkpoints(self.checkpoint_steps))
-        put("schedule", tuple(self.schedule))
-        put("compile", bool(self.compile) and torch.device(self.device).type == "cuda")
-
-    def _resolve_checkpoints(self, spec: str | Sequence[int] | None) -> tuple[int, ...]:
-        if spec is None:
-            return ()
-        if isinstance(spec, str):
-            if spec != "log":
-                raise ValueError(f'checkpoints must be "log", a list of steps or None, got {spec!r}')
-            return tuple(log_steps(self.total_steps))
-        steps = tuple(sorted({int(s) for s in spec}))
-        bad = [s for s in steps if not 0 <= s <= self.total_steps]
+        put("checkpoint_steps", tuple(sorted({int(s) for s in self.checkpoint_steps})))
+        bad = [s for s in self.checkpoint_steps if not 0 <= s <= self.total_steps]
         if bad:
             raise ValueError(f"checkpoint steps must be in 0..{self.total_steps} (this run's steps), got {bad}")
-        return steps
+        put("schedule", tuple(self.schedule))
+        put("compile", bool(self.compile) and torch.device(self.device).type == "cuda")
 
     @classmethod
     def from_recipe(cls, n_train: int, num_classes: int, *, epochs: float | None = None,
@@ -384,23 +384,26 @@ class TrainConfig(Mapping):
         """`recipe(fast)`'s hyper-parameters for `n_train` images, overridden by the arguments
         (those of `train_classifier`; `options`: `label_smoothing`, `augment`, `seed`, `whiten`,
         `compile`). `batch_size` is capped at `n_train`; `lr` defaults to the recipe's
-        `lr_per_1024 * batch_size / 1024`; `device` to `CFG.device`."""
+        `lr_per_1024 * batch_size / 1024`; `device` to `CFG.device`. `width`: an int `w` gives
+        `(w, 4w, 4w)`. `checkpoints`: `"log"` (steps 1, 2, 4, ... plus the last), a list of steps
+        (0 = the initial weights) or `None`."""
         fast = CFG.fast if fast is None else fast
         rec = recipe(fast)
-        device = torch.device(CFG.device if device is None else device)
-        if device.type == "cpu" and not fast and width is None and n_train > 20_000:
+        dev = torch.device(CFG.device if device is None else device)
+        if dev.type == "cpu" and not fast and width is None and n_train > 20_000:
             warnings.warn("train_classifier: the full recipe (widths (64, 256, 256)) on the CPU takes hours; "
                           "set COURSE_FAST=1, or pass width=(16, 64, 64) and fewer images/epochs.", stacklevel=3)
         batch_size = min(int(rec["batch_size"] if batch_size is None else batch_size), n_train)
-        return cls(
+        cfg = cls(
             n_train=n_train, num_classes=num_classes, epochs=rec["epochs"] if epochs is None else epochs,
             batch_size=batch_size, lr=rec["lr_per_1024"] * batch_size / 1024 if lr is None else lr,
-            width=rec["width"] if width is None else width, checkpoint_steps=checkpoints, device=str(device),
+            width=_widths(rec["width"] if width is None else width), device=str(dev),
             channels_last=True if channels_last is None else bool(channels_last), mode="fast" if fast else "full",
             **{k: rec[k] for k in ("momentum", "weight_decay", "bias_lr_scale", "schedule",
                                    "whiten_bias_frac", "ema", "ema_start_frac", "bn_momentum")},
             **options,
         )
+        return dataclasses.replace(cfg, checkpoint_steps=_checkpoint_steps(checkpoints, cfg.total_steps))
 
     # ---- derived values
     @property
@@ -628,13 +631,16 @@ def _batches(x_all: torch.Tensor, y_all: torch.Tensor, cfg: TrainConfig,
     complement, as airbench does) and random translations, all drawn from `gen`."""
     n, bs = len(x_all), cfg.batch_size
     arange = torch.arange(n, device=x_all.device)
-    flips = order = None
+
+    def shuffle() -> torch.Tensor:
+        return torch.randperm(n, device=x_all.device, generator=gen) if n > 1 else arange
+
+    order = shuffle()
+    flips = torch.rand(n, device=x_all.device, generator=gen) < 0.5
     for step in range(cfg.total_steps):
         epoch, i = divmod(step, cfg.steps_per_epoch)
-        if i == 0:
-            order = torch.randperm(n, device=x_all.device, generator=gen) if n > 1 else arange
-            if flips is None:
-                flips = torch.rand(n, device=x_all.device, generator=gen) < 0.5
+        if i == 0 and step > 0:
+            order = shuffle()
         idx = order[i * bs:(i + 1) * bs]
         xb = _to_float(x_all[idx])
         if cfg.augment:

@@ -374,5 +374,12 @@ def test_train_config_from_recipe_defaults_and_validation():
             TrainConfig.from_recipe(50, 3, **kwargs)
     with pytest.raises(ValueError, match="num_classes must be >= 2, got 1"):
         TrainConfig.from_recipe(50, 1)
+    # built directly, it checks the same way
+    direct = dict(n_train=100, num_classes=10, epochs=1, batch_size=10, lr=0.1, width=(4, 16, 16))
+    assert TrainConfig(**direct, checkpoint_steps=(10, 1, 1)).checkpoint_steps == (1, 10)
+    with pytest.raises(ValueError, match=r"checkpoint steps must be in 0\.\.10 .*got \[11\]"):
+        TrainConfig(**direct, checkpoint_steps=(11,))
+    with pytest.raises(ValueError, match=r"batch_size must be in 1\.\.100"):
+        TrainConfig(**dict(direct, batch_size=101))
     with pytest.raises(ValueError, match="num_classes must be >= 2"):
         train_classifier(*blobs(20, num_classes=1), num_classes=1, **dict(FAST, epochs=0.1))
