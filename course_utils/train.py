@@ -31,13 +31,15 @@ uint8 in 0..255, or floats in about [0, 1] (edited images may go slightly outsid
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import time
 import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,7 @@ from course_utils.config import CFG
 __all__ = [
     "Checkpoint",
     "CifarNet",
+    "TrainConfig",
     "TrainResult",
     "accuracy",
     "evaluate_checkpoints",
@@ -289,6 +292,163 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
 
 # --------------------------------------------------------------------------------------------
+# The configuration of one run
+# --------------------------------------------------------------------------------------------
+def _checkpoint_steps(spec: str | Sequence[int] | None, total: int) -> tuple[int, ...]:
+    """`"log"` -> `log_steps(total)`, `None` -> `()`, a list of steps -> those steps."""
+    if spec is None:
+        return ()
+    if isinstance(spec, str):
+        if spec != "log":
+            raise ValueError(f'checkpoints must be "log", a list of steps or None, got {spec!r}')
+        return tuple(log_steps(total))
+    return tuple(int(s) for s in spec)
+
+
+_CONFIG_KEYS = (
+    "mode", "n_train", "num_classes", "epochs", "batch_size", "steps_per_epoch", "total_steps", "lr",
+    "lr_bias", "width", "label_smoothing", "augment", "translate", "seed", "whiten", "device", "autocast",
+    "channels_last", "compile", "checkpoint_steps", "momentum", "weight_decay", "bias_lr_scale", "schedule",
+    "whiten_bias_frac", "ema", "ema_start_frac", "bn_momentum",
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig(Mapping):
+    """Every hyper-parameter of one `train_classifier` run: enough to rebuild its network.
+
+    Build it with `TrainConfig.from_recipe(n_train, num_classes, ...)` (the recipe's defaults, the
+    arguments of `train_classifier`), or directly. Construction normalises and checks every value
+    in one place (`__post_init__`); `compile` is on only on CUDA.
+
+    It reads like the dict it replaces: `config["width"]`, `dict(config)`, `config.keys()`; the
+    derived values (`steps_per_epoch`, `total_steps`, `lr_bias`, `translate`, `autocast`) are
+    properties and keys.
+    """
+
+    n_train: int
+    num_classes: int
+    epochs: float
+    batch_size: int
+    lr: float
+    width: tuple[int, int, int]
+    checkpoint_steps: tuple[int, ...] = ()
+    label_smoothing: float = 0.2
+    augment: bool = True
+    seed: int = 0
+    whiten: bool = True
+    device: str = "cpu"
+    channels_last: bool = True
+    compile: bool = False
+    mode: str = "fast"
+    momentum: float = _COMMON["momentum"]
+    weight_decay: float = _COMMON["weight_decay"]
+    bias_lr_scale: float = _COMMON["bias_lr_scale"]
+    schedule: tuple[float, float, float] = _COMMON["schedule"]
+    whiten_bias_frac: float = _COMMON["whiten_bias_frac"]
+    ema: bool = _COMMON["ema"]
+    ema_start_frac: float = _COMMON["ema_start_frac"]
+    bn_momentum: float = _COMMON["bn_momentum"]
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if not self.num_classes >= 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        put("epochs", float(self.epochs))
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        put("batch_size", int(self.batch_size))
+        if not 1 <= self.batch_size <= self.n_train:
+            raise ValueError(f"batch_size must be in 1..{self.n_train} (the number of images), got {self.batch_size}")
+        put("lr", float(self.lr))
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        put("width", _widths(self.width))  # three positive ints
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        put("checkpoint_steps", tuple(sorted({int(s) for s in self.checkpoint_steps})))
+        bad = [s for s in self.checkpoint_steps if not 0 <= s <= self.total_steps]
+        if bad:
+            raise ValueError(f"checkpoint steps must be in 0..{self.total_steps} (this run's steps), got {bad}")
+        put("schedule", tuple(self.schedule))
+        put("compile", bool(self.compile) and torch.device(self.device).type == "cuda")
+
+    @classmethod
+    def from_recipe(cls, n_train: int, num_classes: int, *, epochs: float | None = None,
+                    batch_size: int | None = None, lr: float | None = None,
+                    width: int | Sequence[int] | None = None, checkpoints: str | Sequence[int] | None = "log",
+                    device: str | torch.device | None = None, channels_last: bool | None = None,
+                    fast: bool | None = None, **options: Any) -> TrainConfig:
+        """`recipe(fast)`'s hyper-parameters for `n_train` images, overridden by the arguments
+        (those of `train_classifier`; `options`: `label_smoothing`, `augment`, `seed`, `whiten`,
+        `compile`). `batch_size` is capped at `n_train`; `lr` defaults to the recipe's
+        `lr_per_1024 * batch_size / 1024`; `device` to `CFG.device`. `width`: an int `w` gives
+        `(w, 4w, 4w)`. `checkpoints`: `"log"` (steps 1, 2, 4, ... plus the last), a list of steps
+        (0 = the initial weights) or `None`."""
+        fast = CFG.fast if fast is None else fast
+        rec = recipe(fast)
+        dev = torch.device(CFG.device if device is None else device)
+        if dev.type == "cpu" and not fast and width is None and n_train > 20_000:
+            warnings.warn("train_classifier: the full recipe (widths (64, 256, 256)) on the CPU takes hours; "
+                          "set COURSE_FAST=1, or pass width=(16, 64, 64) and fewer images/epochs.", stacklevel=3)
+        batch_size = min(int(rec["batch_size"] if batch_size is None else batch_size), n_train)
+        cfg = cls(
+            n_train=n_train, num_classes=num_classes, epochs=rec["epochs"] if epochs is None else epochs,
+            batch_size=batch_size, lr=rec["lr_per_1024"] * batch_size / 1024 if lr is None else lr,
+            width=_widths(rec["width"] if width is None else width), device=str(dev),
+            channels_last=True if channels_last is None else bool(channels_last), mode="fast" if fast else "full",
+            **{k: rec[k] for k in ("momentum", "weight_decay", "bias_lr_scale", "schedule",
+                                   "whiten_bias_frac", "ema", "ema_start_frac", "bn_momentum")},
+            **options,
+        )
+        return dataclasses.replace(cfg, checkpoint_steps=_checkpoint_steps(checkpoints, cfg.total_steps))
+
+    # ---- derived values
+    @property
+    def steps_per_epoch(self) -> int:
+        """`n_train // batch_size`: the last partial batch of an epoch is dropped."""
+        return self.n_train // self.batch_size
+
+    @property
+    def total_steps(self) -> int:
+        """`ceil(epochs * steps_per_epoch)`, at least 1."""
+        return max(1, math.ceil(self.epochs * self.steps_per_epoch))
+
+    @property
+    def lr_bias(self) -> float:
+        """The BatchNorm biases' peak learning rate."""
+        return self.lr * self.bias_lr_scale
+
+    @property
+    def translate(self) -> int:
+        """The largest random translation, in pixels (0 without augmentation)."""
+        return 2 if self.augment else 0
+
+    @property
+    def autocast(self) -> str | None:
+        """`"bf16"` on CUDA, else `None` (float32)."""
+        return "bf16" if torch.device(self.device).type == "cuda" else None
+
+    def make_net(self) -> CifarNet:
+        """A fresh `CifarNet` of this run's shape, on the CPU, initialised from torch's global generator."""
+        return CifarNet(self.num_classes, self.width, self.bn_momentum)
+
+    # ---- the read-only mapping it replaces
+    def __getitem__(self, key: str) -> Any:
+        if key not in _CONFIG_KEYS:
+            raise KeyError(f"TrainConfig has no {key!r}; keys: {', '.join(_CONFIG_KEYS)}")
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_CONFIG_KEYS)
+
+    def __len__(self) -> int:
+        return len(_CONFIG_KEYS)
+
+
+# --------------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -315,7 +475,8 @@ class TrainResult:
     - `steps`: optimizer steps taken; `seconds`: training time (checkpoint evaluation and saving
       excluded); `wall_seconds`: everything.
     - `history`: the training loss of every step, `len(history) == steps`.
-    - `config`: every hyper-parameter used (enough to rebuild the net).
+    - `config`: the run's `TrainConfig`, every hyper-parameter used (enough to rebuild the net);
+      it reads like a dict: `config["width"]`.
     """
 
     model: nn.Module = field(repr=False)
@@ -323,7 +484,7 @@ class TrainResult:
     steps: int
     seconds: float
     history: list[float] = field(repr=False)
-    config: dict[str, Any] = field(repr=False)
+    config: TrainConfig = field(repr=False)
     wall_seconds: float = 0.0
 
     def __repr__(self) -> str:
@@ -431,6 +592,186 @@ def _state_to_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _init_model(cfg: TrainConfig, x_all: torch.Tensor) -> CifarNet:
+    """The network, initialised on the CPU from `cfg.seed` (the same weights on every device),
+    its whitening layer set from the first 5000 images `x_all [N,3,32,32]` and frozen (`cfg.whiten`),
+    moved to `cfg.device` (channels_last if `cfg.channels_last`)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = cfg.make_net()
+    if cfg.whiten:
+        _init_whitening(model.whiten, model.normalize(_to_float(x_all[:5000].cpu())))
+        model.whiten.weight.requires_grad_(False)
+    model = model.to(cfg.device)
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+
+def _make_optimizer(model: CifarNet, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with Nesterov momentum; decoupled weight decay (a fixed fraction of each weight per 1024
+    examples at peak lr); the BatchNorm biases in their own group at `cfg.lr_bias`. Each group keeps
+    its peak rate as `base_lr` for the schedule."""
+    wd_step = cfg.weight_decay * cfg.batch_size / 1024
+    bn_biases = [p for name, p in model.named_parameters() if "norm" in name and p.requires_grad]
+    others = [p for name, p in model.named_parameters() if "norm" not in name and p.requires_grad]
+    groups = [dict(params=others, lr=cfg.lr, base_lr=cfg.lr, weight_decay=wd_step / cfg.lr)]
+    if bn_biases:
+        groups.append(dict(params=bn_biases, lr=cfg.lr_bias, base_lr=cfg.lr_bias, weight_decay=wd_step / cfg.lr_bias))
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+
+
+def _batches(x_all: torch.Tensor, y_all: torch.Tensor, cfg: TrainConfig,
+             gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`(images [B,3,32,32] float, labels [B])` for each of the `cfg.total_steps` steps: a new
+    shuffle every epoch, and with `cfg.augment` flips (drawn once; every other epoch flips the
+    complement, as airbench does) and random translations, all drawn from `gen`."""
+    n, bs = len(x_all), cfg.batch_size
+    arange = torch.arange(n, device=x_all.device)
+
+    def shuffle() -> torch.Tensor:
+        return torch.randperm(n, device=x_all.device, generator=gen) if n > 1 else arange
+
+    order = shuffle()
+    flips = torch.rand(n, device=x_all.device, generator=gen) < 0.5
+    for step in range(cfg.total_steps):
+        epoch, i = divmod(step, cfg.steps_per_epoch)
+        if i == 0 and step > 0:
+            order = shuffle()
+        idx = order[i * bs:(i + 1) * bs]
+        xb = _to_float(x_all[idx])
+        if cfg.augment:
+            shifts = torch.randint(-2, 3, (len(idx), 2), device=x_all.device, generator=gen)
+            xb = _augment(xb, flips[idx] ^ bool(epoch % 2), shifts, pad=cfg.translate)
+        if cfg.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        yield xb, y_all[idx]
+
+
+def _sgd_step(net: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
+              lr_factor: float, cfg: TrainConfig) -> torch.Tensor:
+    """One optimizer step at `lr_factor` times each group's peak rate; returns the (detached) loss."""
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * lr_factor
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+        logits = net(xb)
+    loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+class _Lookahead:
+    """Lookahead-style weight averaging (airbench): every `every` steps from step `start` on, move
+    the running average of the float weights and buffers towards the current ones, by `1 - rho`
+    with `rho = decay**every * (step / total)**3`, and reset the weights to that average."""
+
+    def __init__(self, model: nn.Module, start: int, total: int, every: int = 5, decay: float = 0.95) -> None:
+        self.model, self.start, self.total, self.every, self.decay = model, start, total, every, decay
+        self.average: dict[str, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def step(self, done: int) -> None:
+        """Call after optimizer step number `done` (1-based)."""
+        if done < self.start or done % self.every:
+            return
+        state = self.model.state_dict()
+        if self.average is None:
+            self.average = {k: v.detach().clone() for k, v in state.items() if v.is_floating_point()}
+            return
+        rho = self.decay ** self.every * (done / self.total) ** 3
+        for k, avg in self.average.items():
+            avg.lerp_(state[k], 1 - rho)
+            state[k].copy_(avg)
+
+
+class _Checkpointer:
+    """Snapshots the model at `cfg.checkpoint_steps`: a `Checkpoint` with the CPU state_dict and the
+    test accuracy of exactly the network that `TrainResult.model_at(step)` rebuilds; also
+    `save_dir/step_{k:06d}.pt` when `save_dir` is given."""
+
+    def __init__(self, cfg: TrainConfig, test: tuple[torch.Tensor, torch.Tensor] | None,
+                 save_dir: str | os.PathLike | None) -> None:
+        self.cfg, self.test = cfg, test
+        self.steps = set(cfg.checkpoint_steps)
+        self.save_path = Path(save_dir) if save_dir is not None else None
+        if self.save_path is not None:
+            self.save_path.mkdir(parents=True, exist_ok=True)
+        self.saved: list[Checkpoint] = []
+        self.last_acc: float | None = None
+
+    def due(self, step: int) -> bool:
+        return step in self.steps
+
+    def take(self, model: nn.Module, step: int, seconds: float) -> None:
+        """Store the checkpoint of `model` after `step` steps and `seconds` of training."""
+        state = _state_to_cpu(model)
+        acc = None
+        if self.test is not None:
+            acc = self.last_acc = accuracy(self.rebuild(state), *self.test, batch_size=1024)
+        if self.save_path is not None:
+            torch.save(state, self.save_path / f"step_{step:06d}.pt")
+        self.saved.append(Checkpoint(step, step / self.cfg.steps_per_epoch, acc, state, seconds))
+
+    def rebuild(self, state: dict[str, torch.Tensor]) -> CifarNet:
+        """A fresh network holding `state`, plain memory format, eval mode, on the training device."""
+        net = self.cfg.make_net()
+        net.load_state_dict(state)
+        return net.to(self.cfg.device).eval()
+
+    def final_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The last checkpoint's state when it is the final step's, else `model`'s."""
+        last = self.saved[-1] if self.saved else None
+        return last.state_dict if last is not None and last.step == self.cfg.total_steps else _state_to_cpu(model)
+
+
+class _Stopwatch:
+    """Training time: runs between `start()` and `stop()` (which syncs CUDA first), and adds up."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds, self._t0 = device, 0.0, 0.0
+
+    def start(self) -> None:
+        _sync(self.device)
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        _sync(self.device)
+        self.seconds += time.perf_counter() - self._t0
+        return self.seconds
+
+
+def _check_inputs(images: Any, labels: Any, test: Any,
+                  num_classes: int | None) -> tuple[torch.Tensor, torch.Tensor, tuple | None, int]:
+    """Checked `(images, labels, test, num_classes)`; `num_classes` defaults to `labels.max() + 1`
+    (at least 2)."""
+    images = _check_images(images)
+    labels = _check_labels(labels, len(images), num_classes)
+    if num_classes is None:
+        num_classes = max(2, int(labels.max()) + 1)
+    if torch.is_floating_point(images) and not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or inf: fix the edit that produced them")
+    if test is not None:
+        if not (isinstance(test, (tuple, list)) and len(test) == 2):
+            raise TypeError("test must be a pair (images [M,3,32,32], labels [M])")
+        test_images = _check_images(test[0], "test images")
+        test = (test_images, _check_labels(test[1], len(test_images), num_classes, "test labels"))
+    return images, labels, test, num_classes
+
+
+def _on_device(images: torch.Tensor, labels: torch.Tensor,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training data on `device`: images uint8 or float32 `[N,3,32,32]`, labels `[N]`."""
+    x_all = images.detach().to(device)
+    if not (x_all.dtype == torch.uint8 or x_all.dtype == torch.float32):
+        x_all = x_all.float()
+    return x_all, labels.to(device)
+
+
 def train_classifier(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -481,192 +822,55 @@ def train_classifier(
         compile: `torch.compile` the network for training (CUDA only; off by default).
 
     Returns:
-        A `TrainResult` (`model`, `checkpoints`, `steps`, `seconds`, `history`, `config`).
+        A `TrainResult` (`model`, `checkpoints`, `steps`, `seconds`, `history`, `config`: the
+        run's `TrainConfig`).
     """
     wall_start = time.perf_counter()
-    images = _check_images(images)
-    labels = _check_labels(labels, len(images), num_classes)
-    if num_classes is None:
-        num_classes = max(2, int(labels.max()) + 1)
-    elif num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    if torch.is_floating_point(images) and not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or inf: fix the edit that produced them")
-    if test is not None:
-        if not (isinstance(test, (tuple, list)) and len(test) == 2):
-            raise TypeError("test must be a pair (images [M,3,32,32], labels [M])")
-        test_images = _check_images(test[0], "test images")
-        test_labels = _check_labels(test[1], len(test_images), num_classes, "test labels")
-
-    rec = recipe()
-    n = len(images)
-    epochs = float(rec["epochs"] if epochs is None else epochs)
-    if not epochs > 0:
-        raise ValueError(f"epochs must be > 0, got {epochs}")
-    batch_size = int(rec["batch_size"] if batch_size is None else batch_size)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    batch_size = min(batch_size, n)
-    lr = float(rec["lr_per_1024"] * batch_size / 1024 if lr is None else lr)
-    widths = _widths(rec["width"] if width is None else width)
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    device = torch.device(CFG.device if device is None else device)
-    cuda = device.type == "cuda"
-    channels_last = True if channels_last is None else bool(channels_last)
-    if device.type == "cpu" and not CFG.fast and width is None and n > 20_000:
-        warnings.warn("train_classifier: the full recipe (widths (64, 256, 256)) on the CPU takes hours; "
-                      "set COURSE_FAST=1, or pass width=(16, 64, 64) and fewer images/epochs.", stacklevel=2)
-
-    steps_per_epoch = n // batch_size
-    total = max(1, math.ceil(epochs * steps_per_epoch))
-    if checkpoints is None:
-        ckpt_steps: list[int] = []
-    elif isinstance(checkpoints, str):
-        if checkpoints != "log":
-            raise ValueError(f'checkpoints must be "log", a list of steps or None, got {checkpoints!r}')
-        ckpt_steps = log_steps(total)
-    else:
-        ckpt_steps = sorted({int(s) for s in checkpoints})
-        bad = [s for s in ckpt_steps if not 0 <= s <= total]
-        if bad:
-            raise ValueError(f"checkpoint steps must be in 0..{total} (this run's steps), got {bad}")
-    save_path = Path(save_dir) if save_dir is not None else None
-    if save_path is not None:
-        save_path.mkdir(parents=True, exist_ok=True)
-
-    config: dict[str, Any] = dict(
-        mode="fast" if CFG.fast else "full", n_train=n, num_classes=num_classes, epochs=epochs,
-        batch_size=batch_size, steps_per_epoch=steps_per_epoch, total_steps=total, lr=lr,
-        lr_bias=lr * rec["bias_lr_scale"], width=widths, label_smoothing=label_smoothing,
-        augment=augment, translate=2 if augment else 0, seed=seed, whiten=whiten, device=str(device),
-        autocast="bf16" if cuda else None, channels_last=channels_last, compile=compile and cuda,
-        checkpoint_steps=ckpt_steps,
-        **{k: rec[k] for k in ("momentum", "weight_decay", "bias_lr_scale", "schedule",
-                               "whiten_bias_frac", "ema", "ema_start_frac", "bn_momentum")},
-    )
-
-    # ---- data on the device, one generator for shuffling and augmentation
-    x_all = images.detach().to(device)
-    if not (x_all.dtype == torch.uint8 or x_all.dtype == torch.float32):
-        x_all = x_all.float()
-    y_all = labels.to(device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    # ---- the network, initialised on the CPU from `seed` (same weights on every device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CifarNet(num_classes, widths, rec["bn_momentum"])
-    if whiten:
-        _init_whitening(model.whiten, model.normalize(_to_float(x_all[:5000].cpu())))
-        model.whiten.weight.requires_grad_(False)
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if (compile and cuda) else model
-
-    # ---- optimizer: decoupled weight decay (a fixed fraction per 1024 examples), fast BN biases
-    wd_step = rec["weight_decay"] * batch_size / 1024
-    bn_biases = [p for name, p in model.named_parameters() if "norm" in name and p.requires_grad]
-    others = [p for name, p in model.named_parameters() if "norm" not in name and p.requires_grad]
-    lr_bias = lr * rec["bias_lr_scale"]
-    groups = [dict(params=others, lr=lr, base_lr=lr, weight_decay=wd_step / lr)]
-    if bn_biases:
-        groups.append(dict(params=bn_biases, lr=lr_bias, base_lr=lr_bias, weight_decay=wd_step / lr_bias))
-    opt = torch.optim.SGD(groups, lr=lr, momentum=rec["momentum"], nesterov=True)
-
-    ema_state: dict[str, torch.Tensor] | None = None
-    ema_start = int(rec["ema_start_frac"] * total)
-    whiten_bias_steps = int(rec["whiten_bias_frac"] * total)
+    images, labels, test, num_classes = _check_inputs(images, labels, test, num_classes)
+    cfg = TrainConfig.from_recipe(
+        len(images), num_classes, epochs=epochs, batch_size=batch_size, lr=lr, width=width,
+        checkpoints=checkpoints, device=device, channels_last=channels_last, label_smoothing=label_smoothing,
+        augment=augment, seed=seed, whiten=whiten, compile=compile)
+    device, total = torch.device(cfg.device), cfg.total_steps
+    x_all, y_all = _on_device(images, labels, device)
+    model = _init_model(cfg, x_all)
+    net = torch.compile(model) if cfg.compile else model
+    opt = _make_optimizer(model, cfg)
+    lookahead = _Lookahead(model, int(cfg.ema_start_frac * total), total) if cfg.ema else None
+    ckpt = _Checkpointer(cfg, test, save_dir)
+    batches = _batches(x_all, y_all, cfg, torch.Generator(device=device).manual_seed(cfg.seed))
     losses = torch.zeros(total, device=device)
-    saved: list[Checkpoint] = []
-    train_seconds = 0.0
-    last_acc: float | None = None
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
-
-    def fresh_net(state: dict[str, torch.Tensor]) -> CifarNet:
-        net = CifarNet(num_classes, widths, rec["bn_momentum"])
-        net.load_state_dict(state)
-        return net.to(device).eval()
-
-    def take_checkpoint(step: int) -> None:
-        nonlocal last_acc
-        state = _state_to_cpu(model)
-        # evaluate exactly the network that `model_at(step)` will rebuild
-        acc = accuracy(fresh_net(state), test_images, test_labels, 1024) if test is not None else None
-        if save_path is not None:
-            torch.save(state, save_path / f"step_{step:06d}.pt")
-        saved.append(Checkpoint(step, step / steps_per_epoch, acc, state, train_seconds))
-        if acc is not None:
-            last_acc = acc
+    clock = _Stopwatch(device)
 
     model.train()
-    ckpt_set = set(ckpt_steps)
-    if 0 in ckpt_set:
-        take_checkpoint(0)
+    if ckpt.due(0):
+        ckpt.take(model, 0, clock.seconds)
     bar = tqdm(total=total, desc="train", disable=not progress, unit="step")
     postfix_every = max(1, total // 100)
-    arange = torch.arange(n, device=device)
-    flips = order = None
-    sync()
-    t0 = time.perf_counter()
-    for step in range(total):
-        epoch, i = divmod(step, steps_per_epoch)
-        if i == 0:
-            order = torch.randperm(n, device=device, generator=gen) if n > 1 else arange
-            if flips is None:  # drawn once; every other epoch flips the complement (airbench)
-                flips = torch.rand(n, device=device, generator=gen) < 0.5
-        if step == whiten_bias_steps and model.whiten.bias.requires_grad:
+    clock.start()
+    for step, (xb, yb) in enumerate(batches):
+        if step == int(cfg.whiten_bias_frac * total):  # the whitening bias trains only early on
             model.whiten.bias.requires_grad_(False)
-        idx = order[i * batch_size:(i + 1) * batch_size]
-        xb, yb = _to_float(x_all[idx]), y_all[idx]
-        if augment:
-            shifts = torch.randint(-2, 3, (len(idx), 2), device=device, generator=gen)
-            xb = _augment(xb, flips[idx] ^ bool(epoch % 2), shifts, pad=2)
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        f = _lr_factor(step, total, rec["schedule"])
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * f
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            logits = net(xb)
-        loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses[step] = loss.detach()
-
+        losses[step] = _sgd_step(net, opt, xb, yb, _lr_factor(step, total, cfg.schedule), cfg)
         done = step + 1
-        if rec["ema"] and done >= ema_start and done % 5 == 0:  # Lookahead-style averaging
-            with torch.no_grad():
-                state = model.state_dict()
-                if ema_state is None:
-                    ema_state = {k: v.detach().clone() for k, v in state.items() if v.is_floating_point()}
-                else:
-                    rho = 0.95 ** 5 * (done / total) ** 3
-                    for k, avg in ema_state.items():
-                        avg.lerp_(state[k], 1 - rho)
-                        state[k].copy_(avg)
-
+        if lookahead is not None:
+            lookahead.step(done)
         bar.update(1)
-        if done in ckpt_set or done == total or done % postfix_every == 0:
-            if done in ckpt_set:
-                sync()
-                train_seconds += time.perf_counter() - t0
-                take_checkpoint(done)
-                t0 = time.perf_counter()
-            post = {"loss": f"{loss.item():.3f}"}
-            if last_acc is not None:
-                post["test_acc"] = f"{last_acc:.3f}"
-            bar.set_postfix(post, refresh=False)
-    sync()
-    train_seconds += time.perf_counter() - t0
+        if ckpt.due(done):
+            ckpt.take(model, done, clock.stop())  # checkpoint evaluation is not training time
+            clock.start()
+        if ckpt.due(done) or done == total or done % postfix_every == 0:
+            bar.set_postfix(_progress_note(losses[step], ckpt.last_acc), refresh=False)
+    clock.stop()
     bar.close()
-    final = saved[-1].state_dict if saved and saved[-1].step == total else _state_to_cpu(model)
-    model = fresh_net(final)  # plain memory format, eval mode
-    return TrainResult(model=model, checkpoints=saved, steps=total, seconds=train_seconds,
-                       history=losses.cpu().tolist(), config=config,
+    return TrainResult(model=ckpt.rebuild(ckpt.final_state(model)), checkpoints=ckpt.saved, steps=total,
+                       seconds=clock.seconds, history=losses.cpu().tolist(), config=cfg,
                        wall_seconds=time.perf_counter() - wall_start)
+
+
+def _progress_note(loss: torch.Tensor, test_acc: float | None) -> dict[str, str]:
+    """The progress bar's postfix: the step's loss and the latest test accuracy."""
+    post = {"loss": f"{loss.item():.3f}"}
+    if test_acc is not None:
+        post["test_acc"] = f"{test_acc:.3f}"
+    return post

@@ -1,12 +1,16 @@
-"""`course_utils.bench`: every new section runs under `--small`, returns rows, and its checks agree."""
+"""`benchmarks/bench.py` (`python -m benchmarks.bench`): every section runs under `--small`, returns
+rows, and its checks agree; the bench uses only public names of `course_utils`."""
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
+import inspect
 
 import pytest
 import torch
 
-from course_utils import bench
+from benchmarks import bench
 from course_utils.lens import lens_stats_reference
 from tests.conftest import asset_or_skip
 
@@ -39,6 +43,43 @@ def test_cli_knows_the_sections_and_small():
     assert not bench.parse_args([]).small
     with pytest.raises(SystemExit):
         bench.parse_args(["nope"])
+
+
+def test_bench_registers_sections_and_rejects_unknown_ones(capsys):
+    assert "train" in bench.SECTIONS
+    with pytest.raises(SystemExit):
+        bench.main(["no-such-section"])
+    assert "unknown section" in capsys.readouterr().err
+
+
+def course_utils_names(source: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """`([(module, name) imported from course_utils], [attributes read off course_utils modules])`."""
+    tree = ast.parse(source)
+    imported, modules = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("course_utils"):
+            for alias in node.names:
+                imported.append((node.module, alias.name))
+                if inspect.ismodule(getattr(importlib.import_module(node.module), alias.name, None)):
+                    modules.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            modules |= {a.asname or a.name for a in node.names if a.name.startswith("course_utils")}
+    attributes = [node.attr for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules]
+    return imported, attributes
+
+
+def test_bench_uses_only_public_names_of_course_utils():
+    imported, attributes = course_utils_names(inspect.getsource(bench))
+    assert ("course_utils.train", "train_classifier") in imported and "monge_maps" in attributes
+    private = [f"{m}.{n}" for m, n in imported if n.startswith("_")] + [a for a in attributes if a.startswith("_")]
+    assert not private, f"the bench reaches into private names: {private}"
+    for module, name in imported:  # and what it imports, the module exports
+        exported = getattr(importlib.import_module(module), "__all__", None)
+        is_module = inspect.ismodule(getattr(importlib.import_module(module), name, None))
+        assert exported is None or is_module or name in exported, f"{module}.{name} is not in its __all__"
+    # the checker itself sees a private import when there is one
+    assert course_utils_names("from course_utils.moments import _add_ridge")[0] == [("course_utils.moments", "_add_ridge")]
 
 
 def test_gradcam_small():

@@ -5,13 +5,17 @@ seconds, not minutes.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from course_utils.train import (
     Checkpoint,
+    CifarNet,
+    TrainConfig,
     TrainResult,
     _augment,
     accuracy,
@@ -236,10 +240,146 @@ def test_bad_inputs_raise_clear_errors():
         train_classifier(x, y, checkpoints="linear", **kw)
 
 
-def test_bench_registers_sections_and_rejects_unknown_ones(capsys):
-    from course_utils import bench
 
-    assert "train" in bench.SECTIONS
-    with pytest.raises(SystemExit):
-        bench.main(["no-such-section"])
-    assert "unknown section" in capsys.readouterr().err
+# --------------------------------------------------------------------------------------------
+# The recipe, written out as a plain loop: train_classifier must give the same weights bit for bit
+# --------------------------------------------------------------------------------------------
+def reference_loop(x: torch.Tensor, y: torch.Tensor, *, epochs: float, batch_size: int, lr: float,
+                   width: tuple[int, int, int], num_classes: int, seed: int,
+                   keep: set[int]) -> tuple[dict[str, torch.Tensor], list[float], dict[int, dict]]:
+    """What `train_classifier(augment=False, whiten=False, channels_last=False, label_smoothing=0,
+    device="cpu")` does, in one function from torch and `recipe()` only: seeded init, SGD with
+    Nesterov momentum and decoupled weight decay (BatchNorm biases 64x faster), the triangular
+    schedule, the whitening bias frozen at 30% of the steps, a reshuffle every epoch, Lookahead
+    averaging every 5 steps from 30% on. Returns the final state, the losses and the states at `keep`."""
+    rec = recipe()
+    n = len(x)
+    per_epoch = n // batch_size
+    total = math.ceil(epochs * per_epoch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = CifarNet(num_classes, width, rec["bn_momentum"])
+    net.train()
+    decay = rec["weight_decay"] * batch_size / 1024  # per step, decoupled from the lr
+    lr_bias = lr * rec["bias_lr_scale"]
+    params = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
+    groups = [dict(params=[p for name, p in params if "norm" not in name], lr=lr, weight_decay=decay / lr),
+              dict(params=[p for name, p in params if "norm" in name], lr=lr_bias, weight_decay=decay / lr_bias)]
+    opt = torch.optim.SGD(groups, lr=lr, momentum=rec["momentum"], nesterov=True)
+    gen = torch.Generator().manual_seed(seed)
+    start, peak, end = rec["schedule"]
+    top = max(1.0, peak * total)
+    average, losses, states = None, [], {}
+    for step in range(total):
+        i = step % per_epoch
+        if i == 0:
+            order = torch.randperm(n, generator=gen)
+            if step == 0:
+                torch.rand(n, generator=gen)  # the flips: drawn even without augmentation
+        if step == int(rec["whiten_bias_frac"] * total):
+            net.whiten.bias.requires_grad_(False)
+        f = start + (1 - start) * step / top if step < top else 1 + (end - 1) * (step - top) / max(1.0, total - top)
+        for g, base in zip(opt.param_groups, (lr, lr_bias)):
+            g["lr"] = base * f
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        loss = F.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        done = step + 1
+        if done >= int(rec["ema_start_frac"] * total) and done % 5 == 0:
+            with torch.no_grad():
+                state = net.state_dict()
+                if average is None:
+                    average = {k: v.clone() for k, v in state.items() if v.is_floating_point()}
+                else:
+                    rho = 0.95 ** 5 * (done / total) ** 3
+                    for k, avg in average.items():
+                        avg.lerp_(state[k], 1 - rho)
+                        state[k].copy_(avg)
+        if done in keep:
+            states[done] = {k: v.clone() for k, v in net.state_dict().items()}
+    return net.state_dict(), losses, states
+
+
+def test_trainer_equals_the_plain_reference_loop_bitwise(data):
+    x, y = data["train"]
+    kw = dict(epochs=2.5, batch_size=32, lr=0.4, width=TINY, seed=7)  # 25 steps, Lookahead at 10, 15, 20, 25
+    r = train_classifier(x, y, augment=False, whiten=False, channels_last=False, label_smoothing=0.0,
+                         device="cpu", progress=False, checkpoints=[3, 12, 25], **kw)
+    final, losses, states = reference_loop(x, y, num_classes=10, keep={3, 12, 25}, **kw)
+    assert r.steps == 25 and r.steps_list() == [3, 12, 25]
+    assert r.history == losses
+    got = r.model.state_dict()
+    assert got.keys() == final.keys()
+    assert all(torch.equal(got[k], final[k]) for k in final), [k for k in final if not torch.equal(got[k], final[k])]
+    for c in r.checkpoints:
+        assert all(torch.equal(c.state_dict[k], v) for k, v in states[c.step].items()), c.step
+    # and the reference is not trivially equal to anything: another seed differs
+    other, _, _ = reference_loop(x, y, num_classes=10, keep=set(), **dict(kw, seed=8))
+    assert not all(torch.equal(other[k], final[k]) for k in final)
+
+
+# --------------------------------------------------------------------------------------------
+# TrainConfig
+# --------------------------------------------------------------------------------------------
+OLD_CONFIG_KEYS = [  # the keys of the dict that TrainResult.config used to be, in order
+    "mode", "n_train", "num_classes", "epochs", "batch_size", "steps_per_epoch", "total_steps", "lr",
+    "lr_bias", "width", "label_smoothing", "augment", "translate", "seed", "whiten", "device", "autocast",
+    "channels_last", "compile", "checkpoint_steps", "momentum", "weight_decay", "bias_lr_scale", "schedule",
+    "whiten_bias_frac", "ema", "ema_start_frac", "bn_momentum",
+]
+
+
+def test_train_config_reads_like_the_old_dict(trained):
+    cfg = trained.config
+    assert isinstance(cfg, TrainConfig)
+    assert list(cfg) == list(cfg.keys()) == OLD_CONFIG_KEYS and len(cfg) == len(OLD_CONFIG_KEYS)
+    d = dict(cfg)
+    assert d["n_train"] == 320 and d["batch_size"] == 32 and d["steps_per_epoch"] == 10 and d["total_steps"] == 60
+    assert d["width"] == TINY and d["lr"] == 0.4 and d["lr_bias"] == 0.4 * d["bias_lr_scale"]
+    assert d["checkpoint_steps"] == (1, 2, 4, 8, 16, 32, 60) and d["device"] == "cpu" and d["autocast"] is None
+    assert d["translate"] == 2 and d["compile"] is False
+    assert "width" in cfg and "nope" not in cfg and cfg.get("nope") is None
+    with pytest.raises(KeyError, match="keys: mode, n_train"):
+        cfg["nope"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0  # type: ignore[misc]
+
+
+def test_train_config_from_recipe_defaults_and_validation():
+    rec = recipe(fast=True)
+    cfg = TrainConfig.from_recipe(1000, 10, fast=True, device="cpu")
+    assert cfg.epochs == rec["epochs"] and cfg.batch_size == rec["batch_size"] and cfg.width == rec["width"]
+    assert cfg.lr == rec["lr_per_1024"] * rec["batch_size"] / 1024 and cfg.mode == "fast"
+    assert cfg.steps_per_epoch == 1000 // rec["batch_size"] and cfg.checkpoint_steps[-1] == cfg.total_steps
+    assert TrainConfig.from_recipe(50, 3, batch_size=4096, width=4, checkpoints=None).batch_size == 50
+    assert TrainConfig.from_recipe(50, 3, width=4, checkpoints=None).width == (4, 16, 16)
+    assert TrainConfig.from_recipe(50, 3, width=4, checkpoints=[5, 0, 5], epochs=1, batch_size=10
+                                   ).checkpoint_steps == (0, 5)
+    assert TrainConfig.from_recipe(50, 3, device="cpu", compile=True).compile is False  # CUDA only
+    bad = [
+        (dict(epochs=0), "epochs must be > 0"),
+        (dict(batch_size=0), r"batch_size must be in 1\.\.50"),
+        (dict(lr=0.0), "lr must be > 0"),
+        (dict(width=(4, 8)), "three positive ints"),
+        (dict(width=0), "positive int"),
+        (dict(label_smoothing=1.0), r"label_smoothing must be in \[0, 1\)"),
+        (dict(checkpoints="linear"), 'checkpoints must be "log"'),
+        (dict(checkpoints=[-1], epochs=1, batch_size=10), r"checkpoint steps must be in 0\.\.5"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig.from_recipe(50, 3, **kwargs)
+    with pytest.raises(ValueError, match="num_classes must be >= 2, got 1"):
+        TrainConfig.from_recipe(50, 1)
+    # built directly, it checks the same way
+    direct = dict(n_train=100, num_classes=10, epochs=1, batch_size=10, lr=0.1, width=(4, 16, 16))
+    assert TrainConfig(**direct, checkpoint_steps=(10, 1, 1)).checkpoint_steps == (1, 10)
+    with pytest.raises(ValueError, match=r"checkpoint steps must be in 0\.\.10 .*got \[11\]"):
+        TrainConfig(**direct, checkpoint_steps=(11,))
+    with pytest.raises(ValueError, match=r"batch_size must be in 1\.\.100"):
+        TrainConfig(**dict(direct, batch_size=101))
+    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+        train_classifier(*blobs(20, num_classes=1), num_classes=1, **dict(FAST, epochs=0.1))

@@ -1,4 +1,4 @@
-"""`python -m course_utils.bench [SECTION ...]`: measured figures for the course's helpers.
+"""`python -m benchmarks.bench [SECTION ...]`: measured figures for the course's helpers.
 
 Each section is a function registered in `SECTIONS` (name -> function(args) -> rows). It
 measures, and prints rows of `| section | figure | value | note |`. Speed is quoted as a ratio
@@ -8,11 +8,14 @@ median of `--repeats` runs after one warm-up, baseline and ours interleaved; res
 checked against the baseline before anything is timed. Every section runs on the CPU, and
 again on the GPU (with bigger shapes) when `torch.cuda.is_available()`.
 
-    python -m course_utils.bench                      # every section
-    python -m course_utils.bench train                # just the trainer
-    python -m course_utils.bench train --repeats 5 --threads 1
-    python -m course_utils.bench gradcam monge leace lens --repeats 3
-    python -m course_utils.bench lens --small --repeats 1   # tiny shapes: a smoke test, seconds
+A maintainer's tool, not part of the learners' package: it calls only public names of
+`course_utils`. Run it from the repository root:
+
+    python -m benchmarks.bench                      # every section
+    python -m benchmarks.bench train                # just the trainer
+    python -m benchmarks.bench train --repeats 5 --threads 1
+    python -m benchmarks.bench gradcam monge leace lens --repeats 3
+    python -m benchmarks.bench lens --small --repeats 1   # tiny shapes: a smoke test, seconds
 
 Sections:
 
@@ -26,10 +29,12 @@ Sections:
   `[L+1, N, V]` logits: time AND peak memory ratios.
 
 To add one, write `@section("name") def bench_name(args) -> list[Row]` in this module.
+`tests/test_bench.py` runs every section under `--small`.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import inspect
 import math
 import os
@@ -37,14 +42,22 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import permutations
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from course_utils.config import CFG
+
+if TYPE_CHECKING:
+    from course_utils.lens import LensStats
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository root (where `benchmarks` and `course_utils` live)."""
 
 
 @dataclass(frozen=True)
@@ -198,9 +211,9 @@ def _trainer_throughput(widths: tuple[int, int, int], x: torch.Tensor, y: torch.
 
 def _throughput_rows(name: str, rec: dict, device: torch.device, repeats: int, label: str) -> list[Row]:
     """Images/s of `train_classifier`'s loop against the plain fp32 loop, same net and batch."""
-    from course_utils.train import _widths
+    from course_utils.train import make_cifar_net
 
-    widths, bs = _widths(rec["width"]), rec["batch_size"]
+    widths, bs = make_cifar_net(10, rec["width"]).widths, rec["batch_size"]
     steps = 20 if device.type == "cuda" else 6
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (bs * steps, 3, 32, 32), dtype=torch.uint8, generator=g).to(device)
@@ -474,17 +487,25 @@ def _monge_agreement(name: str, label: str, out: dict[str, Any], pairs: list[tup
     return rows
 
 
+def _ridged(covs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """`covs + ridge * (trace / d) * I`, batched `[..., d, d]`: the ridge that `monge_maps` documents
+    adding to every covariance. Written out here, so that POT maps the very matrices ours do."""
+    d = covs.shape[-1]
+    scale = torch.diagonal(covs, dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    return covs + ridge * scale * torch.eye(d, dtype=covs.dtype, device=covs.device)
+
+
 def _monge_rows(name: str, device: torch.device, d: int, small: bool, repeats: int,
                 ridge: float = 1e-3) -> tuple[list[Row], dict[str, float]]:
     """Time `monge_maps` (each method) and POT (torch, numpy) on the same ridged covariances, then
     compare the maps. On big shapes POT runs on a subset of pairs (every pair costs the same: two
     `eigh` and an inverse of d x d) and is scaled to 90. Returns the rows and the medians for 90 pairs."""
-    from course_utils.moments import _add_ridge, fit_class_moments
+    from course_utils.moments import fit_class_moments
 
     pairs = list(permutations(range(10), 2))
     x, y, what = _class_data(d, device, small)
     mom = fit_class_moments(x, y, 10, device=device, progress=False)
-    ridged = _add_ridge(mom.covs, ridge)  # what monge_maps does to source and target: + ridge * tr/d * I
+    ridged = _ridged(mom.covs, ridge)  # what monge_maps does to source and target
     big = not small and device.type == "cpu"
     pot_pairs = {"POT torch": pairs[::9] if big else pairs,  # numpy on a GPU machine (d=3072): 1 pair
                  "POT numpy": pairs[::9] if big else (pairs if small else pairs[:1])}
@@ -618,7 +639,7 @@ def _lens_inputs(layers: int, n: int, d: int, vocab: int, device: torch.device |
 
 @torch.no_grad()
 def _naive_lens_stats(normed: torch.Tensor, W_U: torch.Tensor, *, targets: torch.Tensor | None = None,
-                      k: int = 5) -> "LensStats":
+                      k: int = 5) -> LensStats:
     """The logit lens done the obvious way: all `[L+1, N, V]` logits at once, then `log_softmax`.
     Same outputs as `lens.lens_stats_reference` (entropy, top-k, KL(p_L || p_l), target log-prob, rank)."""
     from course_utils.lens import LensStats
@@ -669,7 +690,7 @@ def _lens_agree(name: str, label: str, variant: str, a: Any, b: Any) -> Row:
 
 _RSS_SCRIPT = """
 import sys, torch
-from course_utils.bench import _lens_fn, _lens_inputs, _proc_status_kib, _reset_peak_rss
+from benchmarks.bench import _lens_fn, _lens_inputs, _proc_status_kib, _reset_peak_rss
 torch.set_num_threads(int(sys.argv[1]))
 fn = _lens_fn(sys.argv[2])
 fn(*_lens_inputs(2, 4, 8, 64))  # warm-up on a tiny case: lazy initialisation is not the call's memory
@@ -704,7 +725,9 @@ def _cpu_peak_bytes(variant: str, shape: tuple[int, int, int, int]) -> tuple[int
     carries it across fork and exec, so the child would report the parent's peak (this benchmark's,
     several GiB). Returns (bytes, whether the peak could be reset)."""
     cmd = [sys.executable, "-c", _RSS_SCRIPT, str(torch.get_num_threads()), variant, *map(str, shape)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": path})
     kib, exact = res.stdout.split()[-2:]
     return int(kib) * 1024, exact == "1"
 
@@ -719,19 +742,24 @@ def _cuda_peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def _triton_runs(device: torch.device) -> bool:
+    """Whether `lens_stats(..., backend="triton")` can run here: a CUDA device and the `triton` package."""
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
 def _lens_rows(name: str, device: torch.device, shape: tuple[int, int, int, int],
                repeats: int) -> tuple[list[Row], dict[str, tuple[float, float]]]:
     """Check every backend against the naive lens, then time them and measure their peak memory.
     Returns the rows and `{backend: (time ratio naive/backend, peak ratio naive/backend)}`."""
-    from course_utils import lens
+    from course_utils.lens import lens_stats_reference
 
     layers, n, d, vocab = shape
     normed, W_U, targets = _lens_inputs(*shape, device)
-    variants = ["naive", "reference"] + (["triton"] if "triton" in lens._BACKENDS and device.type == "cuda" else [])
+    variants = ["naive", "reference"] + (["triton"] if _triton_runs(device) else [])
     fns = {v: (lambda f=_lens_fn(v): f(normed, W_U, targets)) for v in variants}
     label = f"{device.type}, L+1={layers} N={n:,} d={d} V={vocab:,}"
     out = _warm(fns)
-    ref = lens.lens_stats_reference(normed, W_U, targets=targets, k=5)
+    ref = lens_stats_reference(normed, W_U, targets=targets, k=5)
     rows = [Row(name, f"{label}: naive logits", f"{layers * n * vocab * 4 / 2**30:.2f} GiB",
                 "float32 [L+1, N, V], materialised by the naive lens only"),
             _lens_agree(name, label, "lens_stats_reference", out["naive"], ref)]
@@ -785,7 +813,7 @@ def bench_lens(args: argparse.Namespace) -> list[Row]:
 # --------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line: sections, `--repeats`, `--threads`, `--small` (checked against `SECTIONS`)."""
-    parser = argparse.ArgumentParser(prog="python -m course_utils.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
     parser.add_argument("sections", nargs="*", metavar="SECTION",
                         help=f"sections to run (default: all): {', '.join(SECTIONS)}")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each timing (median reported)")
