@@ -487,25 +487,18 @@ def _monge_agreement(name: str, label: str, out: dict[str, Any], pairs: list[tup
     return rows
 
 
-def _ridged(covs: torch.Tensor, ridge: float) -> torch.Tensor:
-    """`covs + ridge * (trace / d) * I`, batched `[..., d, d]`: the ridge that `monge_maps` documents
-    adding to every covariance. Written out here, so that POT maps the very matrices ours do."""
-    d = covs.shape[-1]
-    scale = torch.diagonal(covs, dim1=-2, dim2=-1).mean(-1)[..., None, None]
-    return covs + ridge * scale * torch.eye(d, dtype=covs.dtype, device=covs.device)
-
-
 def _monge_rows(name: str, device: torch.device, d: int, small: bool, repeats: int,
                 ridge: float = 1e-3) -> tuple[list[Row], dict[str, float]]:
     """Time `monge_maps` (each method) and POT (torch, numpy) on the same ridged covariances, then
     compare the maps. On big shapes POT runs on a subset of pairs (every pair costs the same: two
     `eigh` and an inverse of d x d) and is scaled to 90. Returns the rows and the medians for 90 pairs."""
+    from course_utils.gaussian import add_ridge
     from course_utils.moments import fit_class_moments
 
     pairs = list(permutations(range(10), 2))
     x, y, what = _class_data(d, device, small)
     mom = fit_class_moments(x, y, 10, device=device, progress=False)
-    ridged = _ridged(mom.covs, ridge)  # what monge_maps does to source and target
+    ridged = add_ridge(mom.covs, ridge)  # what monge_maps does to source and target
     big = not small and device.type == "cpu"
     pot_pairs = {"POT torch": pairs[::9] if big else pairs,  # numpy on a GPU machine (d=3072): 1 pair
                  "POT numpy": pairs[::9] if big else (pairs if small else pairs[:1])}

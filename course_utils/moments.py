@@ -179,15 +179,6 @@ def sqrtm_reference(mat: torch.Tensor) -> torch.Tensor:
     return (evecs @ torch.diag(evals.clamp_min(0).sqrt()) @ evecs.T).to(mat.dtype)
 
 
-# The old private names, kept for `bench.py` and `tests/test_kernels.py`.
-_add_ridge = add_ridge
-
-
-def _eig_powers(mat: torch.Tensor, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`gaussian.sqrt_inv_sqrt(mat, ridge=ridge)`: `(mat^{1/2}, mat^{+1/2})` `[..., d, d]`."""
-    return sqrt_inv_sqrt(mat, ridge=ridge)
-
-
 # --------------------------------------------------------------------------------------------
 # The edits, sampling, scores
 # --------------------------------------------------------------------------------------------
