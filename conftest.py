@@ -1,6 +1,7 @@
 """Root pytest set-up, shared by tests/ and the nbval run over solutions/.
 
-- Fast mode is on for the whole suite.
+- The ci tier (`COURSE_FAST=1`, the old name of `COURSE_MODE=ci`) is on for the whole suite, unless
+  `COURSE_MODE` is set (it wins; see course_utils/config.py).
 - `make test` runs pytest-xdist with `--dist loadscope`: every cell of a notebook (they share one
   kernel) and every test class stays in one worker; tests/test_notebooks.py makes a class per notebook.
 - The two workers share two cores, so each process and kernel gets one thread.

@@ -169,7 +169,7 @@ def _keep_output(out: Any) -> bool:
 
 
 def execute_solutions(paths: list[Path], *, timeout: int = 1200) -> None:
-    """Run solution notebooks in fast mode and store their text outputs (what nbval compares).
+    """Run solution notebooks in the ci tier and store their text outputs (what nbval compares).
 
     Images, widgets and stderr (progress bars) are dropped, so that the stored solutions stay small
     and stable. Run this after editing a solution whose `# NBVAL_CHECK_OUTPUT` numbers changed.
@@ -178,7 +178,9 @@ def execute_solutions(paths: list[Path], *, timeout: int = 1200) -> None:
 
     from nbclient import NotebookClient
 
-    os.environ["COURSE_FAST"] = "1"
+    from course_utils.config import env_vars
+
+    os.environ.update(env_vars(mode="ci"))  # the kernels inherit it
     for path in paths:
         nb = nbformat.read(path, as_version=4)
         NotebookClient(nb, timeout=timeout, kernel_name="python3",

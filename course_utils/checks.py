@@ -32,6 +32,8 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
+from course_utils.config import CFG
+
 Status = Literal["passed", "failed", "todo", "error"]
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
@@ -183,7 +185,7 @@ class Outcome:
 
 def _record(outcome: Outcome) -> None:
     RESULTS[outcome.name] = outcome
-    log = os.environ.get("COURSE_GRADE_LOG")
+    log = CFG.grade_log
     if log:
         with open(log, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(outcome.to_json()) + "\n")

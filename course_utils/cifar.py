@@ -19,20 +19,16 @@ may sit in `$COURSE_DATA_DIR` or in the user cache):
 
 `load_cifar10(..., source=PATH)` reads a given folder, tarball or zip instead.
 
-Decoded tensors are cached under `assets.cache_dir()/"derived"/"cifar10"`, keyed by the
+Decoded tensors are cached under `assets.derived_dir("cifar10")`, keyed by the
 source files' path, size and mtime, so only the first load decodes (about 15 s for the JPEG
 zip on 2 cores; the next ones take well under a second).
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import os
 import pickle
 import re
 import tarfile
-import uuid
 import warnings
 import zipfile
 import zlib
@@ -45,6 +41,7 @@ import numpy as np
 import torch
 
 from course_utils import assets
+from course_utils.config import CFG
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -412,12 +409,9 @@ def _decode_source(src: _Source, split: str) -> tuple[np.ndarray, np.ndarray, li
 # Decoded-tensor cache
 # --------------------------------------------------------------------------------------------
 def _cache_file(src: _Source, split: str) -> Path:
-    ident = [_CACHE_VERSION, src.kind, split]
-    for p in src.files:
-        st = p.stat()
-        ident.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
-    digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
-    return assets.cache_dir() / "derived" / "cifar10" / f"{split}-{src.kind}-{digest}.pt"
+    """`derived/cifar10/<split>-<kind>-<key>.pt`; the key changes when a source file changes."""
+    key = assets.fingerprint(_CACHE_VERSION, src.kind, split, files=src.files)
+    return assets.derived_dir("cifar10", create=False) / f"{split}-{src.kind}-{key}.pt"
 
 
 def _read_cache(file: Path) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
@@ -434,14 +428,9 @@ def _read_cache(file: Path) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
 
 def _write_cache(file: Path, images: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".{file.name}.{uuid.uuid4().hex[:8]}.part")
-        try:
+        with assets.atomic_file(file) as tmp:
             torch.save({"images": torch.from_numpy(np.ascontiguousarray(images)),
                         "labels": torch.from_numpy(labels), "classes": list(classes)}, tmp)
-            os.replace(tmp, file)
-        finally:
-            tmp.unlink(missing_ok=True)
         prefix = file.name.rsplit("-", 1)[0] + "-"
         for old in file.parent.glob(prefix + "*.pt"):  # an older state of the same source
             if old != file:
@@ -472,7 +461,7 @@ def _check_split(split: str) -> None:
 
 def load_cifar10(
     split: Split,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     *,
     n: int | None = None,
     source: str | Path | None = None,
@@ -480,7 +469,7 @@ def load_cifar10(
     """Load one CIFAR-10 split in the official order.
 
     - `split`: `"train"` (50,000 images) or `"test"` (10,000).
-    - `device`: where the tensors go.
+    - `device`: where the tensors go (default `CFG.device`).
     - `n`: keep only the first `n` images (official order).
     - `source`: read this cifar-10-batches-py folder, .tar.gz or image-folder .zip instead of
       resolving one through `course_utils.assets`.
@@ -498,6 +487,7 @@ def load_cifar10(
         if n > len(images):
             raise ValueError(f"n={n} but the CIFAR-10 {split} split has {len(images)} images")
         images, labels = images[:n].copy(), labels[:n].copy()
+    device = CFG.device if device is None else device
     return Cifar10(
         torch.from_numpy(images).to(device),
         torch.from_numpy(labels.astype(np.int64, copy=False)).to(device),
@@ -511,19 +501,21 @@ def load_cifar10(
 def load_cifar10_subset(
     split: Split,
     per_class: int,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     *,
     source: str | Path | None = None,
 ) -> Cifar10:
     """A class-balanced subset: the first `per_class` images of every class (official order),
-    kept in the official order. `images: uint8 [per_class * 10, 3, 32, 32]`."""
+    kept in the official order. `images: uint8 [per_class * 10, 3, 32, 32]` on `device`
+    (default `CFG.device`)."""
     _check_split(split)
-    full = load_cifar10(split, source=source)
+    full = load_cifar10(split, "cpu", source=source)
     counts = torch.bincount(full.labels, minlength=len(full.classes))
     if not isinstance(per_class, int) or per_class < 1 or per_class > int(counts.min()):
         raise ValueError(f"per_class must be an int in 1..{int(counts.min())} for the {split} "
                          f"split, got {per_class!r}")
     keep = torch.cat([torch.nonzero(full.labels == c).flatten()[:per_class]
                       for c in range(len(full.classes))]).sort().values
+    device = CFG.device if device is None else device
     return Cifar10(full.images[keep].to(device), full.labels[keep].to(device), full.classes,
                    split, full.source, full.lossless)

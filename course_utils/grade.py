@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from course_utils.config import env_vars
 from course_utils.exercises import topic_of
 
 DEFAULT_TIMEOUT = 1800.0
@@ -256,7 +257,7 @@ def grade_notebook(path: str | Path, *, timeout: float = DEFAULT_TIMEOUT,
             copy = work / path.name
             shutil.copyfile(path, copy)
             progress, log = work / "progress.jsonl", work / "checks.jsonl"
-            env = {**os.environ, "COURSE_GRADE_LOG": str(log), "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, **env_vars(grade_log=log), "PYTHONUNBUFFERED": "1"}
             cmd = [sys.executable, "-m", "course_utils.grade", "--worker", str(copy), str(progress),
                    str(cell_timeout), str(started + timeout)]
             proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL,

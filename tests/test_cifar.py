@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import pickle
 import tarfile
@@ -20,6 +21,7 @@ from PIL import Image
 
 from course_utils import assets, cifar
 from course_utils.assets import AssetMissingError
+from course_utils.config import Config
 from course_utils.cifar import (
     CIFAR10_CLASSES,
     CIFAR10_MEAN,
@@ -30,6 +32,15 @@ from course_utils.cifar import (
 )
 
 REAL_DATA_DIR = os.environ.get("COURSE_DATA_DIR")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_defaults():
+    """These tests compare with CPU tensors: pin the loaders' default device (`CFG.device`) to
+    the CPU, so that they pass on a GPU machine too."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cifar, "CFG", Config(requested_mode="ci", requested_device="cpu"))
+        yield
 PER_BATCH = 20  # images per fake batch: 100 train, 20 test
 TARBALL = "cifar10/cifar-10-python.tar.gz"
 ZIP = "cifar10/cifar10_jpeg_yoongikim.zip"
@@ -279,6 +290,17 @@ def test_n_device_and_subset(env, fake, tmp_path):
         load_cifar10_subset("train", 11, source=folder)
 
 
+def test_loaders_default_to_cfg_device(env, fake, tmp_path, monkeypatch):
+    folder = write_official_folder(fake, tmp_path / "cifar-10-batches-py")
+    monkeypatch.setattr(cifar, "CFG", Config(requested_mode="ci", requested_device="meta"))
+    ds = load_cifar10("train", n=7, source=folder)
+    assert ds.images.device.type == ds.labels.device.type == "meta"
+    assert ds.images.shape == (7, 3, 32, 32)
+    sub = load_cifar10_subset("train", 2, source=folder)
+    assert sub.images.device.type == sub.labels.device.type == "meta" and len(sub.labels) == 20
+    assert load_cifar10("test", "cpu", n=3, source=folder).images.device.type == "cpu"
+
+
 @pytest.mark.parametrize("bad", ["val", "Train", "", None])
 def test_bad_split_says_what_is_allowed(bad):
     with pytest.raises(ValueError, match="'train' or 'test'"):
@@ -317,6 +339,17 @@ def test_second_load_comes_from_the_cache_without_decoding(env, fake, tmp_path, 
     os.utime(folder / "data_batch_1", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
     with pytest.raises(AssertionError, match="decoded again"):
         load_cifar10("train", source=folder)
+
+
+def test_cache_file_names_keep_their_layout(env, fake, tmp_path):
+    """Caches written before `assets.fingerprint` existed (same formula) are still found."""
+    _, cache = env
+    folder = write_official_folder(fake, tmp_path / "cifar-10-batches-py")
+    src = cifar._find_source(folder)
+    ident = [cifar._CACHE_VERSION, "folder", "train"] + [
+        [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in src.files]
+    digest = hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
+    assert cifar._cache_file(src, "train") == cache / "derived" / "cifar10" / f"train-folder-{digest}.pt"
 
 
 def test_unreadable_cache_is_rebuilt(env, fake, tmp_path):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from course_utils import assets, models
+from course_utils.config import Config
 from course_utils.models import (
     LMParts,
     LMUnavailableError,
@@ -33,6 +34,27 @@ from course_utils.models import (
 )
 
 FAMILIES = ["gpt2", "llama"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpu_defaults():
+    """These tests compare with CPU tensors: pin the loaders' default device (`CFG.device`) to
+    the CPU, so that they pass on a GPU machine too."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "CFG", Config(requested_mode="ci", requested_device="cpu"))
+        yield
+
+
+def test_loaders_default_to_cfg_device(monkeypatch):
+    monkeypatch.setattr(models, "CFG", Config(requested_mode="ci", requested_device="meta"))
+    assert {p.device.type for p in load_efficientnet().parameters()} == {"meta"}
+    assert {p.device.type for p in load_efficientnet("cpu").parameters()} == {"cpu"}
+    x = preprocess_imagenet(np.zeros((40, 50, 3), dtype=np.uint8))
+    assert x.device.type == "meta" and x.shape == (1, 3, 224, 224)
+    assert preprocess_imagenet(np.zeros((40, 50, 3), dtype=np.uint8), "cpu").device.type == "cpu"
+    monkeypatch.setattr(models, "_load_smollm2", lambda dtype: (tiny_lm("llama"), "tokenizer"))
+    model, tok = load_lm("smollm2")
+    assert {p.device.type for p in model.parameters()} == {"meta"} and tok == "tokenizer"
 CAT_CLASSES = {"tiger cat", "tabby", "Egyptian cat"}
 
 
