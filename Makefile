@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 .PHONY: lab test setup notebooks check-notebooks solutions grade-example clean
 
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
+	$(if $(MODE),COURSE_MODE=$(MODE) )$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: $(STAMP)
 	COURSE_FAST=1 $(PY) -m pytest -n 2 --dist loadscope $(PYTEST_ARGS)

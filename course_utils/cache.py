@@ -38,7 +38,7 @@ floats, strings, bools and None; a dataclass of `course_utils` with `to_state()`
 verified on every load: a corrupt or partial entry is reported (`CacheWarning`) and recomputed,
 never loaded. An entry is written into a temporary folder next to its place, fsynced, and renamed
 into place in one step, so two kernels filling the same entry never leave a half-written one.
-`COURSE_RESULT_CACHE=off` turns the cache off (compute every time, write nothing).
+`COURSE_RESULT_CACHE=0` turns the cache off (compute every time, write nothing).
 
 Command line:
 
@@ -129,8 +129,7 @@ class _Corrupt(Exception):
 # --------------------------------------------------------------------------------------------
 def current_tier() -> str:
     """The tier results are computed for: `CFG.mode` ("ci", "laptop" or "full")."""
-    cfg = config.CFG
-    return getattr(cfg, "mode", "ci" if cfg.fast else "full")
+    return config.CFG.mode
 
 
 def results_dir() -> Path:
@@ -139,8 +138,7 @@ def results_dir() -> Path:
 
 
 def _enabled() -> bool:
-    value = os.environ.get("COURSE_RESULT_CACHE", "").strip().lower()
-    return value not in {"0", "off", "no", "false"}
+    return config.CFG.result_cache
 
 
 # --------------------------------------------------------------------------------------------
@@ -555,7 +553,7 @@ def _describe_call(body: dict[str, Any], compute: Callable[..., Any],
 def cached(name: str, compute: Callable[..., T], *, version: int = 1,
            args: Mapping[str, Any] | None = None, seed: int | None = None,
            encode: Callable[[T], Any] | None = None, decode: Callable[[Any], T] | None = None,
-           verbose: bool = True) -> T:
+           options: Mapping[str, Any] | None = None, verbose: bool = True) -> T:
     """`compute(**args)`, computed once and loaded from the cache afterwards.
 
     - `name`: the recipe's name, also the entry's folder ("cifar_model", "lens_layer6").
@@ -568,6 +566,8 @@ def cached(name: str, compute: Callable[..., T], *, version: int = 1,
     - `seed`: default `CFG.seed`. The tier (`current_tier()`) is part of the key too.
     - `encode`/`decode` (both `course_utils` functions): turn the result into a storable
       structure and back, e.g. a model into its `state_dict` and a state dict into a model.
+    - `options`: keyword arguments of `compute` that do not change its result (a progress
+      bar, say); they are passed on but are not part of the key.
     - `verbose`: print "computing NAME (not cached yet)" / "loaded NAME from the cache (N MiB)"
       on stderr.
 
@@ -579,10 +579,11 @@ def cached(name: str, compute: Callable[..., T], *, version: int = 1,
     """
     _check_callables(compute, encode, decode)
     args = dict(args or {})
+    both = {**args, **dict(options or {})}
     seed = config.CFG.seed if seed is None else seed
     if not _enabled():
         with _seeded(seed):
-            return compute(**args)
+            return compute(**both)
     key = cache_key(name, compute, version=version, args=args, seed=seed)
     tier = current_tier()
     entry = _entry_dir(name, tier, key)
@@ -592,7 +593,7 @@ def cached(name: str, compute: Callable[..., T], *, version: int = 1,
     _note(verbose, f"computing {name} (not cached yet)")
     start = time.perf_counter()
     with _seeded(seed):
-        value = compute(**args)
+        value = compute(**both)
     body = {"format": FORMAT, "key": key, "name": name, "version": version, "tier": tier,
             "seed": seed, "compute_seconds": round(time.perf_counter() - start, 3)}
     _store(entry, _describe_call(body, compute, args), encode(value) if encode else value)
@@ -692,7 +693,7 @@ def recipes() -> list[Recipe]:
 
 def _tier_env(tier: str) -> dict[str, str]:
     """The environment of a child process that runs in `tier`, importing this same package."""
-    env = dict(os.environ, COURSE_MODE=tier, COURSE_FAST="1" if tier == "ci" else "0")
+    env = dict(os.environ, **config.env_vars(mode=tier, fast=int(tier == "ci")))
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     return env
@@ -775,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"removed {len(removed)} entr{'y' if len(removed) == 1 else 'ies'}, "
               f"{_mib(sum(e.size for e in removed))}")
         return 0
-    if args.tier != current_tier() and os.environ.get("COURSE_MODE") == args.tier:
+    if args.tier != current_tier() and config.CFG.env.get(config.VARIABLES["mode"]) == args.tier:
         print(f"error: this course_utils cannot run tier {args.tier!r} (its config gives "
               f"{current_tier()!r} for COURSE_MODE={args.tier})", file=sys.stderr)
         return 2

@@ -47,6 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from course_utils.cifar import CIFAR10_MEAN, CIFAR10_STD
+from course_utils.cache import cached
 from course_utils.config import CFG
 
 __all__ = [
@@ -84,17 +85,36 @@ _FULL: dict[str, Any] = dict(
     _COMMON, epochs=15.0, batch_size=1024, lr_per_1024=1.5, width=(64, 256, 256), n_train=None,
     n_test=None,
 )
+# The laptop tier: the fast net's widths on every training image, a few epochs (about a minute
+# per epoch on a 2-core CPU), evaluated on every test image.
+_LAPTOP: dict[str, Any] = dict(
+    _COMMON, epochs=4.0, batch_size=128, lr_per_1024=2.5, width=(16, 64, 64), n_train=None,
+    n_test=None,
+)
+TRAINER_VERSION = 1  # part of the result cache's key: bump it when a change here changes what a seed trains
+_RECIPES: dict[str, dict[str, Any]] = {"ci": _FAST, "laptop": _LAPTOP, "full": _FULL}
 
 
-def recipe(fast: bool | None = None) -> dict[str, Any]:
-    """The default hyper-parameters: fast mode (`COURSE_FAST=1`) or full mode, from `CFG`.
+def _tier(fast: bool | None, tier: str | None) -> str:
+    """The tier a recipe is for: `tier`, else "ci" / "full" from a legacy `fast` flag, else `CFG.mode`."""
+    if tier is not None:
+        if tier not in _RECIPES:
+            raise ValueError(f"tier must be one of {sorted(_RECIPES)}, got {tier!r}")
+        return tier
+    if fast is not None:
+        return "ci" if fast else "full"
+    return CFG.mode
 
-    `n_train` / `n_test` are the data sizes the recipe was tuned for (`None` = the whole split):
-    pass them to `load_cifar10(split, n=...)`. `lr_per_1024` is the peak learning rate for a batch
-    of 1024; `train_classifier` scales it linearly with the batch size.
+
+def recipe(fast: bool | None = None, *, tier: str | None = None) -> dict[str, Any]:
+    """The default hyper-parameters of a tier ("ci", "laptop" or "full"; default `CFG.mode`).
+
+    `fast=True` / `fast=False` are the legacy names of the "ci" / "full" recipes. `n_train` /
+    `n_test` are the data sizes the recipe was tuned for (`None` = the whole split): pass them to
+    `load_cifar10(split, n=...)`. `lr_per_1024` is the peak learning rate for a batch of 1024;
+    `train_classifier` scales it linearly with the batch size.
     """
-    fast = CFG.fast if fast is None else fast
-    return dict(_FAST if fast else _FULL)
+    return dict(_RECIPES[_tier(fast, tier)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,18 +407,18 @@ class TrainConfig(Mapping):
         `lr_per_1024 * batch_size / 1024`; `device` to `CFG.device`. `width`: an int `w` gives
         `(w, 4w, 4w)`. `checkpoints`: `"log"` (steps 1, 2, 4, ... plus the last), a list of steps
         (0 = the initial weights) or `None`."""
-        fast = CFG.fast if fast is None else fast
-        rec = recipe(fast)
+        tier = _tier(fast, None)
+        rec = recipe(tier=tier)
         dev = torch.device(CFG.device if device is None else device)
-        if dev.type == "cpu" and not fast and width is None and n_train > 20_000:
+        if dev.type == "cpu" and tier == "full" and width is None and n_train > 20_000:
             warnings.warn("train_classifier: the full recipe (widths (64, 256, 256)) on the CPU takes hours; "
-                          "set COURSE_FAST=1, or pass width=(16, 64, 64) and fewer images/epochs.", stacklevel=3)
+                          "set COURSE_MODE=laptop, or pass width=(16, 64, 64) and fewer images/epochs.", stacklevel=3)
         batch_size = min(int(rec["batch_size"] if batch_size is None else batch_size), n_train)
         cfg = cls(
             n_train=n_train, num_classes=num_classes, epochs=rec["epochs"] if epochs is None else epochs,
             batch_size=batch_size, lr=rec["lr_per_1024"] * batch_size / 1024 if lr is None else lr,
             width=_widths(rec["width"] if width is None else width), device=str(dev),
-            channels_last=True if channels_last is None else bool(channels_last), mode="fast" if fast else "full",
+            channels_last=True if channels_last is None else bool(channels_last), mode="fast" if tier == "ci" else tier,
             **{k: rec[k] for k in ("momentum", "weight_decay", "bias_lr_scale", "schedule",
                                    "whiten_bias_frac", "ema", "ema_start_frac", "bn_momentum")},
             **options,
@@ -792,6 +812,7 @@ def train_classifier(
     whiten: bool = True,
     channels_last: bool | None = None,
     compile: bool = False,
+    cache: bool = True,
 ) -> TrainResult:
     """Train a `CifarNet` on `images` `[N,3,32,32]` / `labels` `[N]` and keep checkpoints.
 
@@ -820,11 +841,59 @@ def train_classifier(
         channels_last: train in the channels_last memory format (default on; measured 1.3-1.7x
             faster on CPU too). Checkpoints and the returned model are in the plain format.
         compile: `torch.compile` the network for training (CUDA only; off by default).
+        cache: keep the result in the course's result cache (`course_utils.cache`): the same
+            call again (same data, arguments, seed, tier, device and thread count) loads it in
+            seconds instead of training. Never with `save_dir` or `compile`.
 
     Returns:
         A `TrainResult` (`model`, `checkpoints`, `steps`, `seconds`, `history`, `config`: the
         run's `TrainConfig`).
     """
+    kwargs = dict(test=test, epochs=epochs, batch_size=batch_size, lr=lr, width=width,
+                  label_smoothing=label_smoothing, augment=augment, seed=seed, checkpoints=checkpoints,
+                  num_classes=num_classes, whiten=whiten, channels_last=channels_last)
+    if not cache or save_dir is not None or compile:
+        return _train(images, labels, **kwargs, save_dir=save_dir, device=device, progress=progress,
+                      compile=compile)
+    return cached("train_classifier", _train_for_cache, version=TRAINER_VERSION, seed=seed,
+                  args=dict(images=images, labels=labels, **kwargs,
+                            device=str(torch.device(CFG.device if device is None else device)),
+                            threads=torch.get_num_threads()),
+                  options=dict(progress=progress), encode=_encode_result, decode=_decode_result)
+
+
+def _train_for_cache(images: torch.Tensor, labels: torch.Tensor, *, threads: int, **kwargs: Any) -> TrainResult:
+    """`_train` as the cache calls it: `threads` is only part of the key (float sums, and so the
+    trained weights, depend on the number of CPU threads)."""
+    del threads
+    return _train(images, labels, save_dir=None, **kwargs)
+
+
+def _encode_result(result: TrainResult) -> dict[str, Any]:
+    """A `TrainResult` as tensors and plain values, for the result cache."""
+    return {"model": _state_to_cpu(result.model),
+            "checkpoints": [dataclasses.asdict(c) for c in result.checkpoints],
+            "steps": result.steps, "seconds": result.seconds, "history": result.history,
+            "config": {f.name: getattr(result.config, f.name) for f in dataclasses.fields(result.config)},
+            "wall_seconds": result.wall_seconds}
+
+
+def _decode_result(state: dict[str, Any]) -> TrainResult:
+    """The inverse of `_encode_result`: the final network is rebuilt on the run's device."""
+    cfg = TrainConfig(**state["config"])
+    model = cfg.make_net()
+    model.load_state_dict(state["model"])
+    return TrainResult(model=model.to(cfg.device).eval(), checkpoints=[Checkpoint(**c) for c in state["checkpoints"]],
+                       steps=state["steps"], seconds=state["seconds"], history=list(state["history"]),
+                       config=cfg, wall_seconds=state["wall_seconds"])
+
+
+def _train(images: torch.Tensor, labels: torch.Tensor, *, test: tuple[torch.Tensor, torch.Tensor] | None,
+           epochs: float | None, batch_size: int | None, lr: float | None, width: int | Sequence[int] | None,
+           label_smoothing: float, augment: bool, seed: int, checkpoints: str | Sequence[int] | None,
+           save_dir: str | os.PathLike | None, device: str | torch.device | None, progress: bool,
+           num_classes: int | None, whiten: bool, channels_last: bool | None, compile: bool = False) -> TrainResult:
+    """`train_classifier` itself, without the cache."""
     wall_start = time.perf_counter()
     images, labels, test, num_classes = _check_inputs(images, labels, test, num_classes)
     cfg = TrainConfig.from_recipe(

@@ -30,6 +30,12 @@ from course_utils.train import (
 TINY = (8, 16, 16)  # block widths of the test network
 FAST = dict(width=TINY, batch_size=32, lr=0.4, device="cpu", progress=False)
 
+
+@pytest.fixture(autouse=True)
+def no_result_cache(monkeypatch):
+    """These tests train for real: a cache hit would make a determinism test pass by itself."""
+    monkeypatch.setenv("COURSE_RESULT_CACHE", "0")
+
 # Ten well-separated colours (RGB in 0..1), one per class.
 PALETTE = torch.tensor([
     [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 1.0],
@@ -383,3 +389,37 @@ def test_train_config_from_recipe_defaults_and_validation():
         TrainConfig(**dict(direct, batch_size=101))
     with pytest.raises(ValueError, match="num_classes must be >= 2"):
         train_classifier(*blobs(20, num_classes=1), num_classes=1, **dict(FAST, epochs=0.1))
+
+
+def test_cached_training_round_trips_exactly_and_is_not_retrained(monkeypatch, tmp_path):
+    """With the result cache on, the second identical call loads what the first trained: the same
+    weights, checkpoints, history and config; a changed argument trains again."""
+    import course_utils.train as T
+
+    monkeypatch.setenv("COURSE_RESULT_CACHE", "1")
+    monkeypatch.setenv("COURSE_CACHE_DIR", str(tmp_path))
+    calls = []
+    real = T._train
+    monkeypatch.setattr(T, "_train", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, y = blobs(128)
+    first = train_classifier(x, y, epochs=1, checkpoints=[0, 2, 4], test=(x, y), **FAST)
+    again = train_classifier(x, y, epochs=1, checkpoints=[0, 2, 4], test=(x, y), **FAST)
+    assert len(calls) == 1
+    assert again.steps_list() == first.steps_list() and again.accuracies() == first.accuracies()
+    assert again.history == first.history and dict(again.config) == dict(first.config)
+    for a, b in zip(first.checkpoints, again.checkpoints):
+        assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert all(torch.equal(u, v) for u, v in zip(first.model.state_dict().values(), again.model.state_dict().values()))
+    assert torch.equal(predict(first.model, x), predict(again.model, x))
+    train_classifier(x, y, epochs=1, checkpoints=[0, 2, 4], test=(x, y), **{**FAST, "lr": 0.3})
+    assert len(calls) == 2
+    train_classifier(x, y, epochs=1, checkpoints=[0, 2, 4], test=(x, y), cache=False, **FAST)
+    assert len(calls) == 3
+
+
+def test_recipe_tiers():
+    assert recipe(tier="ci") == recipe(fast=True) and recipe(tier="full") == recipe(fast=False)
+    laptop = recipe(tier="laptop")
+    assert laptop["n_train"] is None and laptop["width"] == recipe(tier="ci")["width"]
+    with pytest.raises(ValueError, match="tier must be one of"):
+        recipe(tier="huge")
