@@ -29,7 +29,7 @@ Pass the arguments through `args=` instead.
 `CFG.seed`), and the caller's generator states are restored afterwards, so a cache hit and a cache
 miss leave a notebook in the same state.
 
-Storage: `assets.cache_dir()/results/<tier>/<name>/<key>/` (`COURSE_CACHE_DIR` moves it), one
+Storage: `CFG.results_dir/<tier>/<name>/<key>/` (`COURSE_RESULTS_DIR`, default the user cache's `results/`), one
 folder per entry holding `data.safetensors` (every tensor of the result) and `manifest.json` (the
 result's structure as JSON, the sha256 of the data file, and a sha256 of the manifest itself).
 Never pickle: a result may be a tensor, or any nesting of dict/list/tuple of tensors, ints,
@@ -78,7 +78,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from course_utils import assets, config
+from course_utils import config
 
 __all__ = [
     "RECIPE_MODULES",
@@ -133,8 +133,9 @@ def current_tier() -> str:
 
 
 def results_dir() -> Path:
-    """`assets.cache_dir()/"results"`: the root of every cached result (may not exist yet)."""
-    return assets.cache_dir() / "results"
+    """`CFG.results_dir` (`COURSE_RESULTS_DIR`, default the user cache's `results/`): the root
+    of every cached result (may not exist yet)."""
+    return config.CFG.results_dir
 
 
 def _enabled() -> bool:

@@ -17,6 +17,7 @@ time they are used, so that tests (and a notebook cell) can change them on the f
 | `COURSE_ASSET_REGISTRY` | `asset_registry` | the built-in `assets/registry.json` | at import of `assets` | A JSON file that replaces the list of course files (tests, mirrors). |
 | `COURSE_GRADE_LOG` | `grade_log` | none | at use | A file that every exercise check appends its outcome to (the grader sets it). |
 | `COURSE_RESULT_CACHE` | `result_cache` | on | at use | `0`: compute every costly result again instead of loading it from the result cache (`course_utils.cache`), and store nothing. |
+| `COURSE_RESULTS_DIR` | `results_dir` | `cache_dir/results` | at use | Where the result cache keeps its entries (the test suite points it at a fresh folder, so that CI runs from an empty cache). |
 
 Booleans accept `1/true/yes/on` and `0/false/no/off` (any case); anything else is an error.
 If both `COURSE_MODE` and `COURSE_FAST` are set, `COURSE_MODE` wins (the explicit tier beats
@@ -48,7 +49,7 @@ VARIABLES: dict[str, str] = {
     "device": "COURSE_DEVICE", "threads": "COURSE_THREADS", "data_dir": "COURSE_DATA_DIR",
     "cache_dir": "COURSE_CACHE_DIR", "offline": "COURSE_OFFLINE",
     "asset_registry": "COURSE_ASSET_REGISTRY", "grade_log": "COURSE_GRADE_LOG",
-    "result_cache": "COURSE_RESULT_CACHE",
+    "result_cache": "COURSE_RESULT_CACHE", "results_dir": "COURSE_RESULTS_DIR",
 }
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
 _MISSING: Any = object()
@@ -206,6 +207,12 @@ class Config:
         """`COURSE_RESULT_CACHE`: keep costly results in the result cache (default on)."""
         value = self._get("result_cache")
         return parse_bool(value, VARIABLES["result_cache"]) if value else True
+
+    @property
+    def results_dir(self) -> Path:
+        """`COURSE_RESULTS_DIR`, else `cache_dir/"results"`: the root of the result cache."""
+        value = self._get("results_dir")
+        return Path(value).expanduser() if value else self.cache_dir / "results"
 
     @property
     def grade_log(self) -> Path | None:

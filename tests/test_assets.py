@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from course_utils import assets
+from course_utils.assets import cli as assets_cli
 from course_utils.assets import (
     Alternative,
     Asset,
@@ -414,7 +415,7 @@ def test_status_and_fetch_in_process(env, registry, monkeypatch, capsys):
     registry(a, b, opt)
     write(data / a.key, b"a" * 10)
 
-    assert assets.main(["status"]) == 1  # b is required and missing
+    assert assets_cli.main(["status"]) == 1  # b is required and missing
     out = capsys.readouterr().out
     row_b = next(line for line in out.splitlines() if line.startswith("text/b.txt"))
     assert "MISSING" in row_b
@@ -422,22 +423,22 @@ def test_status_and_fetch_in_process(env, registry, monkeypatch, capsys):
     assert "data dir" in row_a and row_a.rstrip().endswith("ok")
 
     monkeypatch.setattr(assets, "fetcher", FakeFetcher({b.key: b"b" * 20, opt.key: b"o"}))
-    assert assets.main(["fetch"]) == 0
+    assert assets_cli.main(["fetch"]) == 0
     out = capsys.readouterr().out
     assert "downloaded" in out and str(cache / b.key) in out and "summary:" in out
     assert not (cache / opt.key).exists()  # optional: only with --all
-    assert assets.main(["fetch", "--all"]) == 0
+    assert assets_cli.main(["fetch", "--all"]) == 0
     assert (cache / opt.key).read_bytes() == b"o"
     capsys.readouterr()
 
-    assert assets.main(["status", "--json"]) == 0
+    assert assets_cli.main(["status", "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["ok"] is True
     where = {r["key"]: r["where"] for r in st["assets"]}
     assert where == {a.key: "data dir", b.key: "cache", opt.key: "cache"}
 
     monkeypatch.setattr(assets, "fetcher", FakeFetcher({}))
-    assert assets.main(["fetch", "no/such.key"]) == 2
+    assert assets_cli.main(["fetch", "no/such.key"]) == 2
     assert "Unknown course asset" in capsys.readouterr().err
 
 
@@ -586,7 +587,7 @@ def test_real_offline_assets_verify(monkeypatch, tmp_path):
     monkeypatch.setattr(assets, "GROUPS", {g.name: g for g in assets._BUILTIN_GROUPS})
     for a in present:
         assert assets.path(a.key, download=False) == real / a.key
-    st = assets.status()
+    st = assets_cli.status()
     missing = [r["key"] for r in st["assets"] if r["required"] and not r["verified"]]
     if missing:
         pytest.skip(f"COURSE_DATA_DIR={real} lacks {missing}")

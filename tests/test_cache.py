@@ -62,6 +62,7 @@ for _fn in (_double, _random, _slow_arange, _not_storable, _claim_result):
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty results cache under tmp_path, no recipes registered, no calls counted."""
     monkeypatch.setenv("COURSE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("COURSE_RESULTS_DIR", raising=False)  # the default: the user cache's results/
     monkeypatch.delenv("COURSE_RESULT_CACHE", raising=False)
     monkeypatch.setattr(cache, "_RECIPES", {})
     CALLS.clear()
@@ -229,6 +230,7 @@ def test_publish_keeps_a_valid_entry_and_replaces_a_corrupt_one(store: Path) -> 
 
 def _fill_concurrently(root: str, barrier, n: int) -> None:
     os.environ["COURSE_CACHE_DIR"] = root
+    os.environ.pop("COURSE_RESULTS_DIR", None)
     barrier.wait()
     out = cache.cached("race", _slow_arange, args=dict(n=n, delay=0.5), verbose=False)
     assert torch.equal(out, torch.arange(n, dtype=torch.float32) / 7)

@@ -94,17 +94,14 @@ __all__ = [
     "cache_dir",
     "data_dirs",
     "derived_dir",
-    "fetch",
     "find",
     "fingerprint",
     "get",
-    "main",
     "path",
     "registry_from_json",
     "resolve_group",
     "search_dirs",
     "sha256_file",
-    "status",
     "verify",
 ]
 
@@ -359,7 +356,3 @@ def find_quietly(key: str) -> Path | None:
         return find(key)
     except AssetCorruptError:
         return None
-
-
-# Last: the command line (status, fetch) is built on the functions above.
-from course_utils.assets.cli import fetch, main, status
