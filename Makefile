@@ -7,13 +7,18 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: lab test setup notebooks check-notebooks solutions grade-example clean
+.PHONY: lab test lint setup notebooks check-notebooks solutions grade-example clean
 
 lab: $(STAMP)
 	$(if $(MODE),COURSE_MODE=$(MODE) )$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	COURSE_FAST=1 $(PY) -m pytest -n 2 --dist loadscope $(PYTEST_ARGS)
+
+# The rules a tool enforces: ruff (lint, import order) and pyright (basic mode) over course_utils/.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check course_utils benchmarks tests
+	$(VENV)/bin/pyright
 
 setup: $(STAMP)
 
