@@ -89,3 +89,43 @@ def test_the_package_has_no_import_cycle():
 def test_kernels_are_leaves(module):
     outside = {m for m in GRAPH[module] if not m.startswith(KERNELS_MAY_IMPORT)}
     assert not outside, f"{module} imports {sorted(outside)}: kernels take and return plain tensors"
+
+
+# The layers of CONTRIBUTING.md, lowest first. A module imports only from its own layer or below.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("settings", ("course_utils.config",)),
+    ("assets", ("course_utils.assets", "course_utils.cache")),
+    ("data and models", ("course_utils.cifar", "course_utils.text", "course_utils.models", "course_utils.train")),
+    ("numerics", ("course_utils.gaussian", "course_utils.kernels")),
+    ("methods", ("course_utils.gradcam", "course_utils.lens", "course_utils.moments", "course_utils.erasure")),
+    ("teaching", ("course_utils.checks", "course_utils.claims", "course_utils.exercises", "course_utils.grade",
+                  "course_utils.build", "course_utils.viz")),
+]
+
+
+def layer_of(module: str) -> int:
+    """The index in `LAYERS` of `module` (the package's own `__init__` is teaching: it re-exports)."""
+    if module == "course_utils":
+        return len(LAYERS) - 1
+    for i, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS here and to CONTRIBUTING.md's map")
+
+
+def test_every_module_has_a_layer():
+    for module in MODULES:
+        layer_of(module)
+
+
+def test_no_import_runs_upward():
+    upward = [f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
+              for m, targets in GRAPH.items() for t in sorted(targets)
+              if layer_of(t) > layer_of(m) and not m.startswith(t + ".")]  # a parent package always loads first
+    assert not upward, "imports that run upward:\n" + "\n".join(upward)
+
+
+def test_the_layer_rule_catches_an_upward_import():
+    assert layer_of("course_utils.train") < layer_of("course_utils.moments") < layer_of("course_utils.viz.moments")
+    with pytest.raises(AssertionError, match="in no layer"):
+        layer_of("course_utils.somewhere_new")
