@@ -29,6 +29,7 @@ the old alias), with a warning when they disagree.
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Mapping
@@ -159,12 +160,18 @@ class Config:
         values = {"ci": ci, "laptop": full if laptop is _MISSING else laptop, "full": full}
         return values[self.mode]
 
-    def describe(self, *, hint: bool = True) -> str:
-        """One line: tier, device, seed; with `hint`, a second line saying how to change tier."""
+    def describe(self, notebook: str | None = None, *, hint: bool = True) -> str:
+        """One line: tier, device, seed. With `notebook` ("03_moment_editing"), a line with its
+        measured run time in this tier on this kind of machine (`expected_run_time`); with `hint`,
+        a line saying how to change tier."""
         what = {"ci": "small data, short training: tests and grading",
                 "laptop": "sized for a CPU", "full": "the full experiments, for a GPU"}[self.mode]
-        text = f"course tier: {self.mode} ({what}) · device: {self.device} · seed: {self.seed}"
-        return f"{text}\nchange the tier with {CHANGE_TIER}" if hint else text
+        lines = [f"course tier: {self.mode} ({what}) · device: {self.device} · seed: {self.seed}"]
+        if notebook is not None:
+            lines.append(expected_run_time(notebook, self.mode, self.device))
+        if hint:
+            lines.append(f"change the tier with {CHANGE_TIER}")
+        return "\n".join(lines)
 
     # ---- settings read each time they are used -------------------------------------------
     def _get(self, name: str) -> str:
@@ -219,6 +226,25 @@ class Config:
         """`COURSE_GRADE_LOG`: the file exercise checks append their outcomes to, or None."""
         value = self._get("grade_log")
         return Path(value) if value else None
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def expected_run_time(notebook: str, mode: str, device: str, table: Mapping[str, Any] | None = None) -> str:
+    """What `run_times.json` (the measured table, or `table`) says about `notebook` in tier `mode`
+    on a machine like this one (`device` "cpu", else a GPU): one line, or that it was not measured."""
+    if table is None:
+        table = json.loads((Path(__file__).with_name("run_times.json")).read_text(encoding="utf-8"))
+    machine = "cpu" if device.split(":")[0] == "cpu" else "gpu"
+    entry = table["notebooks"].get(notebook.removesuffix(".ipynb"), {}).get(mode, {}).get(machine) or {}
+    where = table["machines"][machine]
+    if not entry.get("cold"):
+        return f"run time of this notebook in the {mode} tier on {where}: not measured yet"
+    warm = f", {_minutes(entry['warm'])} with a warm result cache" if entry.get("warm") else ""
+    return (f"run time of this notebook in the {mode} tier on {where}: about {_minutes(entry['cold'])}"
+            f" from an empty result cache{warm} (measured {entry.get('date', '')})")
 
 
 def env_vars(**settings: object) -> dict[str, str]:

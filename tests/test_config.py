@@ -248,3 +248,18 @@ def test_no_module_but_config_reads_a_course_variable():
     offenders = {str(p.relative_to(ROOT)): hits for p in sorted(package.rglob("*.py"))
                  if p != package / "config.py" and (hits := course_env_uses(p.read_text()))}
     assert offenders == {}, f"read COURSE_* settings through course_utils.config: {offenders}"
+
+
+def test_expected_run_time_reads_the_measured_table():
+    from course_utils.config import expected_run_time
+
+    table = {"machines": {"cpu": "a 2-core CPU", "gpu": "a GPU"},
+             "notebooks": {"03_x": {"laptop": {"cpu": {"cold": 200, "warm": 40, "date": "2026-11-30"}}}}}
+    line = expected_run_time("03_x.ipynb", "laptop", "cpu", table)
+    assert line == ("run time of this notebook in the laptop tier on a 2-core CPU: about 3 min from an empty "
+                    "result cache, 40 s with a warm result cache (measured 2026-11-30)")
+    assert "not measured yet" in expected_run_time("03_x", "laptop", "cuda:0", table)
+    assert "not measured yet" in expected_run_time("09_new", "ci", "cpu", table)
+    # the table shipped with the package has an entry shape this function reads
+    for notebook in ("00_orientation", "01_gradcam", "02_logit_lens", "03_moment_editing", "04_concept_erasure"):
+        assert expected_run_time(notebook, "laptop", "cpu").startswith("run time of this notebook")
