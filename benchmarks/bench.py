@@ -44,6 +44,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from itertools import permutations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,13 +71,16 @@ class Row:
     note: str = ""
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], list[Row]]] = {}
+Section = Callable[[argparse.Namespace], list[Row]]
+"""A bench section: `fn(args) -> list[Row]`."""
+
+SECTIONS: dict[str, Section] = {}
 
 
-def section(name: str) -> Callable[[Callable[[argparse.Namespace], list[Row]]], Callable[[argparse.Namespace], list[Row]]]:
+def section(name: str) -> Callable[[Section], Section]:
     """Register `fn(args) -> list[Row]` as the bench section `name`."""
 
-    def register(fn: Callable[[argparse.Namespace], list[Row]]) -> Callable[[argparse.Namespace], list[Row]]:
+    def register(fn: Section) -> Section:
         SECTIONS[name] = fn
         return fn
 
@@ -749,7 +753,7 @@ def _lens_rows(name: str, device: torch.device, shape: tuple[int, int, int, int]
     layers, n, d, vocab = shape
     normed, W_U, targets = _lens_inputs(*shape, device)
     variants = ["naive", "reference"] + (["triton"] if _triton_runs(device) else [])
-    fns = {v: (lambda f=_lens_fn(v): f(normed, W_U, targets)) for v in variants}
+    fns = {v: partial(_lens_fn(v), normed, W_U, targets) for v in variants}
     label = f"{device.type}, L+1={layers} N={n:,} d={d} V={vocab:,}"
     out = _warm(fns)
     ref = lens_stats_reference(normed, W_U, targets=targets, k=5)

@@ -19,7 +19,7 @@ import ast
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import nbformat
 
@@ -102,13 +102,18 @@ def strip_markdown(source: str) -> str:
     return pattern.sub("*Your answer here.*", source)
 
 
+def _node(d: dict[str, Any]) -> nbformat.NotebookNode:
+    """`d` (and every dict in it) as a NotebookNode. nbformat is untyped: `from_dict` of a dict is a NotebookNode."""
+    return cast(nbformat.NotebookNode, nbformat.from_dict(d))
+
+
 def learner_version(solution: nbformat.NotebookNode, name: str = "notebook") -> nbformat.NotebookNode:
     """The learner notebook generated from a solution notebook (a new object)."""
-    nb = nbformat.from_dict(solution)
+    nb = _node(solution)
     nb = nbformat.v4.upgrade(nb) if nb.nbformat < 4 else nb
     cells = []
     for k, cell in enumerate(nb.cells):
-        cell = nbformat.from_dict(dict(cell))
+        cell = _node(dict(cell))
         where = f"{name}, cell {k}"
         if cell.cell_type == "code":
             cell.source = strip_code(cell.source, where)
@@ -122,13 +127,16 @@ def learner_version(solution: nbformat.NotebookNode, name: str = "notebook") -> 
     nb.cells = cells
     nb.metadata = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
                    "language_info": {"name": "python"},
-                   "course": {"generated_from": f"solutions/{name}", "do_not_edit": "edit solutions/ then run python -m course_utils.build"}}
+                   "course": {"generated_from": f"solutions/{name}",
+                              "do_not_edit": "edit solutions/ then run python -m course_utils.build"}}
     nb.nbformat, nb.nbformat_minor = 4, 4
     return nb
 
 
 def render(nb: nbformat.NotebookNode) -> str:
-    return nbformat.writes(nb, version=4) + ("" if nbformat.writes(nb, version=4).endswith("\n") else "\n")
+    # nbformat is untyped: pyright takes `version`'s type from its sentinel default, but an int is what it wants
+    text = nbformat.writes(nb, version=4)  # pyright: ignore[reportArgumentType]
+    return text if text.endswith("\n") else text + "\n"
 
 
 def plan(root: Path = ROOT) -> dict[Path, str]:

@@ -157,7 +157,7 @@ def _tensor_fingerprint(t: torch.Tensor) -> str:
         raise TypeError(f"fingerprint() takes dense tensors, not {t.layout}: call .to_dense()")
     flat = t.detach().resolve_conj().resolve_neg().to("cpu").contiguous().reshape(-1)
     raw = flat.view(torch.uint8).numpy()  # no copy for a contiguous CPU tensor
-    return _sha(f"tensor:{t.dtype}:{tuple(t.shape)}:", memoryview(raw))
+    return _sha(f"tensor:{t.dtype}:{tuple(t.shape)}:", raw.data)
 
 
 def _array_fingerprint(a: Any) -> str:
@@ -165,7 +165,7 @@ def _array_fingerprint(a: Any) -> str:
 
     if a.dtype == object:
         raise TypeError("fingerprint() cannot hash a numpy array of Python objects")
-    return _sha(f"ndarray:{a.dtype.str}:{a.shape}:", memoryview(np.ascontiguousarray(a)).cast("B"))
+    return _sha(f"ndarray:{a.dtype.str}:{a.shape}:", np.ascontiguousarray(a).data.cast("B"))
 
 
 def _class_path(cls: type) -> str:

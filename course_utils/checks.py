@@ -26,9 +26,10 @@ import math
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,8 +38,8 @@ from course_utils.config import CFG
 Status = Literal["passed", "failed", "todo", "error"]
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
-_REGISTRY: dict[str, "Exercise"] = {}
-RESULTS: dict[str, "Outcome"] = {}
+_REGISTRY: dict[str, Exercise] = {}
+RESULTS: dict[str, Outcome] = {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,9 +410,10 @@ def _evaluate_function(ex: Exercise, answer: Any, context: dict[str, Any]) -> Ou
         problem = _compare(ex, expected, actual)
         if problem:
             return _fail(ex, problem, case.label, actual, lambda fn, c=case: _call(fn, c))
-    if ex.validate is not None:
+    validate = ex.validate
+    if validate is not None:
         try:
-            problem = ex.validate(answer, **context)
+            problem = validate(answer, **context)
         except _Todo:
             return Outcome(ex.name, "todo", "Replace `raise NotImplementedError(...)` with your code.")
         except NotImplementedError:
@@ -419,7 +421,7 @@ def _evaluate_function(ex: Exercise, answer: Any, context: dict[str, Any]) -> Ou
         except Exception as err:
             return _fail(ex, f"your code raised {describe_exception(err)}", None)
         if problem:
-            return _fail(ex, problem, None, matches=lambda fn: ex.validate(fn, **context) == problem)
+            return _fail(ex, problem, None, matches=lambda fn: validate(fn, **context) == problem)
     return Outcome(ex.name, "passed", f"all {len(cases)} cases pass" if cases else "passed")
 
 

@@ -26,7 +26,7 @@ the old alias), with a warning when they disagree.
     from course_utils import CFG
     n = CFG.pick(ci=2_000, laptop=10_000, full=50_000)   # one size per tier
     print(CFG.describe())                                # tier, device, seed, how to change
-"""
+"""  # noqa: E501 -- the table's rows stay one line each: tests/test_config.py matches them against README.md
 from __future__ import annotations
 
 import json

@@ -19,8 +19,8 @@ Everything is batched over leading dimensions `[..., d, d]` and runs on the tens
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +117,7 @@ class ClassMoments:
         n = self.counts.to(self.means)
         return (n[:, None] * self.means).sum(0) / n.sum()
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "ClassMoments":
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ClassMoments:
         """The same moments on `device` / in `dtype` (counts stay int64)."""
         return ClassMoments(self.means.to(device=device, dtype=dtype), self.covs.to(device=device, dtype=dtype),
                             self.counts.to(device=device))
@@ -151,10 +151,10 @@ class MomentFitter:
     def __post_init__(self) -> None:
         if self.num_classes < 1 or self.dim < 1:
             raise ValueError(f"num_classes and dim must be positive, got {self.num_classes}, {self.dim}")
-        kw = dict(device=self.device, dtype=self.dtype)
-        self.counts = torch.zeros(self.num_classes, device=self.device, dtype=torch.int64)
-        self.sums = torch.zeros(self.num_classes, self.dim, **kw)
-        self.outer = torch.zeros(self.num_classes, self.dim, self.dim, **kw)
+        device, dtype = self.device, self.dtype
+        self.counts = torch.zeros(self.num_classes, device=device, dtype=torch.int64)
+        self.sums = torch.zeros(self.num_classes, self.dim, device=device, dtype=dtype)
+        self.outer = torch.zeros(self.num_classes, self.dim, self.dim, device=device, dtype=dtype)
 
     def _check(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.ndim > 2:
@@ -168,7 +168,7 @@ class MomentFitter:
             raise ValueError(f"labels must be in 0..{self.num_classes - 1}, got {int(y.min())}..{int(y.max())}")
         return x.to(self.device, self.dtype), y.to(self.device).long()
 
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> "MomentFitter":
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> MomentFitter:
         """Add a batch: `x` `[b, d]` (images `[b, 3, H, W]` are flattened), `y` int `[b]`."""
         x, y = self._check(x, y)
         self.counts += torch.bincount(y, minlength=self.num_classes)

@@ -123,7 +123,8 @@ def _run_worker(nb_path: Path, progress_path: Path, cell_timeout: float, deadlin
                 log(stop=f"the notebook ran past its time limit before cell {idx}")
                 return 0
             client.timeout = int(max(1, min(cell_timeout, left)))
-            first = next((ln.strip() for ln in cell.source.splitlines() if ln.strip() and not ln.strip().startswith("#")), "")
+            code = (ln.strip() for ln in cell.source.splitlines())
+            first = next((ln for ln in code if ln and not ln.startswith("#")), "")
             here = f"cell {idx} (`{first[:50]}`)"
             log(start=idx)
             began = time.time()
@@ -191,7 +192,8 @@ def _load_notebook(path: Path) -> tuple[Any | None, str | None]:
     try:
         json.loads(text)
     except json.JSONDecodeError as err:
-        return None, f"the notebook is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); fix it or re-download it"
+        return None, (f"the notebook is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
+                      "fix it or re-download it")
     try:
         return nbformat.reads(text, as_version=4), None
     except Exception as err:  # nbformat is strict about the schema
@@ -297,7 +299,8 @@ def format_table(reports: list[NotebookReport]) -> str:
         for e in r.exercises:
             mark = STATUS_MARK.get(e.status, "?")
             reason = e.reason if len(e.reason) <= 160 else e.reason[:157] + "..."
-            lines.append(f"  {e.name:<{width}}  {mark} {e.status:<9}  {reason if e.status != 'passed' else ''}".rstrip())
+            shown = reason if e.status != "passed" else ""
+            lines.append(f"  {e.name:<{width}}  {mark} {e.status:<9}  {shown}".rstrip())
     total = sum(r.score for r in reports)
     most = sum(r.max_score for r in reports)
     lines.append(f"TOTAL {total:g}/{most:g}")
@@ -327,7 +330,9 @@ def to_junit(reports: list[NotebookReport]) -> str:
     return ET.tostring(suites, encoding="unicode", xml_declaration=True) + "\n"
 
 
-def grade_cohort(folder: Path, out: Path, *, timeout: float, cell_timeout: float) -> list[tuple[str, list[NotebookReport]]]:
+def grade_cohort(
+    folder: Path, out: Path, *, timeout: float, cell_timeout: float
+) -> list[tuple[str, list[NotebookReport]]]:
     """Grade every learner's folder under `folder`; write a scoreboard (CSV, Markdown) and per-learner JSON."""
     learners = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     out.mkdir(parents=True, exist_ok=True)

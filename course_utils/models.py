@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -184,7 +184,7 @@ def _resize_crop(chw: torch.Tensor) -> torch.Tensor:
     import torchvision.transforms.functional as TF
     from torchvision.transforms import InterpolationMode
 
-    chw = TF.resize(chw, RESIZE_TO, interpolation=InterpolationMode.BILINEAR, antialias=True)
+    chw = TF.resize(chw, [RESIZE_TO], interpolation=InterpolationMode.BILINEAR, antialias=True)
     return TF.center_crop(chw, [IMAGE_SIZE, IMAGE_SIZE])
 
 
@@ -221,7 +221,7 @@ def unpreprocess(x: torch.Tensor) -> torch.Tensor:
     return (x.detach().float().cpu() * 128.0 + 127.0).round().clamp(0, 255).to(torch.uint8)
 
 
-def load_photo(name: str) -> "PILImage.Image":
+def load_photo(name: str) -> PILImage.Image:
     """One of the course photos as an RGB PIL image. Offline.
 
     - `"chelsea"`: a tabby cat (scikit-image sample, 451x300).
@@ -323,9 +323,10 @@ def _dequantize_gguf(gguf: Path, dest: Path, sha256: str) -> None:
         raise
     # The dequantized weights are plain fp32 tensors, but transformers still tags the model as
     # "quantized with gguf" and refuses to save it. Drop the tag so save_pretrained works.
-    model.hf_quantizer = None
+    # (torch types Module.__setattr__ for tensors and modules only; any value is fine at run time)
+    model.hf_quantizer = None  # pyright: ignore[reportArgumentType]
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+        delattr(model.config, "quantization_config")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -348,7 +349,7 @@ def _smollm2_expected_sha256() -> str | None:
     return sha.lower() if sha else None
 
 
-def _load_smollm2(dtype: torch.dtype) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+def _load_smollm2(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """SmolLM2 from the dequantized cache; on a miss, resolve the GGUF, dequantize it and cache it.
 
     The cache folder is named after the GGUF's sha256. `assets.path` only returns a file whose
@@ -361,9 +362,8 @@ def _load_smollm2(dtype: torch.dtype) -> tuple["PreTrainedModel", "PreTrainedTok
     folder = _smollm2_cache_path(sha) if sha else None
     if folder is None or not _cache_is_complete(folder):
         gguf = Path(assets.path(SMOLLM2_ASSET))  # AssetMissingError (with instructions) when it cannot
-        if sha is None:  # not registered with a hash: hash it (once per file state)
-            sha = assets.sha256_file(gguf)
-            folder = _smollm2_cache_path(sha)
+        sha = sha or assets.sha256_file(gguf)  # not registered with a hash: hash it (once per file state)
+        folder = _smollm2_cache_path(sha)
         if not _cache_is_complete(folder):
             _dequantize_gguf(gguf, folder, sha)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="eager")
@@ -383,10 +383,10 @@ def _hub_reachable(timeout: float = 5.0) -> None:
         pass
 
 
-def _load_gpt2(dtype: torch.dtype) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+def _load_gpt2(dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def fetch(local_only: bool) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    def fetch(local_only: bool) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         tok = AutoTokenizer.from_pretrained(GPT2_REPO, local_files_only=local_only)
         model = AutoModelForCausalLM.from_pretrained(
             GPT2_REPO, dtype=dtype, attn_implementation="eager", local_files_only=local_only
@@ -413,7 +413,7 @@ def load_lm(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
-) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal language model and its tokenizer, in eval mode, on `device` (default
     `CFG.device`), with eager attention.
 
@@ -442,7 +442,9 @@ def load_lm(
             model, tok = _load_smollm2(dtype)
     else:
         raise ValueError(f"unknown language model {name!r}; choose one of: {', '.join(repr(n) for n in LM_NAMES)}")
-    return model.to(device=CFG.device if device is None else device, dtype=dtype).eval(), tok
+    # transformers wraps `to` in functools.wraps(nn.Module.to), which pyright takes for the unbound method
+    model = model.to(device=CFG.device if device is None else device, dtype=dtype)  # pyright: ignore[reportCallIssue]
+    return model.eval(), tok
 
 
 # ----------------------------------------------------------------------------------------------
@@ -512,20 +514,21 @@ class LMParts:
 
     def block_kwargs(self, hidden: torch.Tensor) -> dict[str, Any]:
         """Keyword arguments a block needs to run on `hidden: [B, T, d_model]` (positions 0..T-1, no cache)."""
+        from transformers import PreTrainedModel
         from transformers.masking_utils import create_causal_mask
 
         position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
-        base = self.model.transformer if self.family == "gpt2" else self.model.model
+        base = _part(self.model, "transformer" if self.family == "gpt2" else "model", PreTrainedModel)
         mask = create_causal_mask(
             config=base.config,
             inputs_embeds=hidden,
             attention_mask=None,
-            past_key_values=None,
+            cache=None,
             position_ids=position_ids,
         )
         kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": position_ids, "use_cache": False}
         if self.family == "llama":
-            kwargs["position_embeddings"] = base.rotary_emb(hidden, position_ids=position_ids)
+            kwargs["position_embeddings"] = base.get_submodule("rotary_emb")(hidden, position_ids=position_ids)
         return kwargs
 
     def run_blocks(self, hidden: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -538,6 +541,17 @@ class LMParts:
     def logits_from(self, hidden: torch.Tensor) -> torch.Tensor:
         """`unembed(final_norm(hidden))`: `[..., d_model]` -> `[..., vocab_size]` (the logit lens)."""
         return self.unembed(self.final_norm(hidden))
+
+
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def _part(model: nn.Module, path: str, kind: type[_M]) -> _M:
+    """The submodule `model.<path>` (dotted), checked to be a `kind`."""
+    part = model.get_submodule(path)
+    if not isinstance(part, kind):
+        raise TypeError(f"lm_parts: {type(model).__name__}.{path} is a {type(part).__name__}, not a {kind.__name__}")
+    return part
 
 
 def lm_parts(model: nn.Module) -> LMParts:
@@ -553,17 +567,17 @@ def lm_parts(model: nn.Module) -> LMParts:
             f"(with its language-model head), not the bare base model. {supported}"
         )
     if model_type == "gpt2":
-        base = model.transformer
-        embed, pos_embed, blocks, final_norm = base.wte, base.wpe, list(base.h), base.ln_f
+        embed, pos_embed = _part(model, "transformer.wte", nn.Embedding), _part(model, "transformer.wpe", nn.Embedding)
+        blocks, final_norm = _part(model, "transformer.h", nn.ModuleList), _part(model, "transformer.ln_f", nn.Module)
     else:
-        base = model.model
-        embed, pos_embed, blocks, final_norm = base.embed_tokens, None, list(base.layers), base.norm
+        embed, pos_embed = _part(model, "model.embed_tokens", nn.Embedding), None
+        blocks, final_norm = _part(model, "model.layers", nn.ModuleList), _part(model, "model.norm", nn.Module)
     return LMParts(
         family=model_type,
         model=model,
         embed=embed,
         pos_embed=pos_embed,
-        blocks=blocks,
+        blocks=list(blocks),
         final_norm=final_norm,
         unembed=unembed,
         n_layers=len(blocks),
@@ -579,7 +593,7 @@ def tiny_lm(
     d_model: int = 64,
     vocab: int = 257,
     seed: int = 0,
-) -> "PreTrainedModel":
+) -> PreTrainedModel:
     """A tiny randomly initialised GPT-2 or Llama `*ForCausalLM` (eager attention, eval mode). No download.
 
     4 attention heads (Llama: 2 key/value heads, like SmolLM2's grouped-query attention), MLP width

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from course_utils.cifar import CIFAR10_MEAN, CIFAR10_STD
 from course_utils.cache import cached
+from course_utils.cifar import CIFAR10_MEAN, CIFAR10_STD
 from course_utils.config import CFG
 
 __all__ = [
@@ -122,6 +122,9 @@ def recipe(fast: bool | None = None, *, tier: str | None = None) -> dict[str, An
 # --------------------------------------------------------------------------------------------
 class _Normalize(nn.Module):
     """uint8 `[B,3,H,W]` in 0..255 or float in ~[0,1] -> float, standardised per channel."""
+
+    mean: torch.Tensor  # buffers `[1,3,1,1]`, registered in __init__
+    std: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -671,8 +674,8 @@ def _batches(x_all: torch.Tensor, y_all: torch.Tensor, cfg: TrainConfig,
         yield xb, y_all[idx]
 
 
-def _sgd_step(net: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
-              lr_factor: float, cfg: TrainConfig) -> torch.Tensor:
+def _sgd_step(net: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer, xb: torch.Tensor,
+              yb: torch.Tensor, lr_factor: float, cfg: TrainConfig) -> torch.Tensor:
     """One optimizer step at `lr_factor` times each group's peak rate; returns the (detached) loss."""
     for g in opt.param_groups:
         g["lr"] = g["base_lr"] * lr_factor
@@ -849,9 +852,10 @@ def train_classifier(
         A `TrainResult` (`model`, `checkpoints`, `steps`, `seconds`, `history`, `config`: the
         run's `TrainConfig`).
     """
-    kwargs = dict(test=test, epochs=epochs, batch_size=batch_size, lr=lr, width=width,
-                  label_smoothing=label_smoothing, augment=augment, seed=seed, checkpoints=checkpoints,
-                  num_classes=num_classes, whiten=whiten, channels_last=channels_last)
+    kwargs: dict[str, Any] = dict(test=test, epochs=epochs, batch_size=batch_size, lr=lr, width=width,
+                                  label_smoothing=label_smoothing, augment=augment, seed=seed,
+                                  checkpoints=checkpoints, num_classes=num_classes, whiten=whiten,
+                                  channels_last=channels_last)
     if not cache or save_dir is not None or compile:
         return _train(images, labels, **kwargs, save_dir=save_dir, device=device, progress=progress,
                       compile=compile)
@@ -919,7 +923,9 @@ def _train(images: torch.Tensor, labels: torch.Tensor, *, test: tuple[torch.Tens
     clock.start()
     for step, (xb, yb) in enumerate(batches):
         if step == int(cfg.whiten_bias_frac * total):  # the whitening bias trains only early on
-            model.whiten.bias.requires_grad_(False)
+            bias = model.whiten.bias
+            assert bias is not None, "CifarNet's whitening layer is built with a bias"
+            bias.requires_grad_(False)
         losses[step] = _sgd_step(net, opt, xb, yb, _lr_factor(step, total, cfg.schedule), cfg)
         done = step + 1
         if lookahead is not None:

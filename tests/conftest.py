@@ -1,4 +1,5 @@
-"""Shared test set-up: the ci tier always (root conftest.py), and a skip-with-reason for tests that need offline assets."""
+"""Shared test set-up: the ci tier always (root conftest.py), and a skip-with-reason for tests that
+need offline assets."""
 from __future__ import annotations
 
 import os

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from course_utils import assets
-from course_utils.assets import cli as assets_cli
 from course_utils.assets import (
     Alternative,
     Asset,
@@ -26,6 +25,7 @@ from course_utils.assets import (
     sources,
     store,
 )
+from course_utils.assets import cli as assets_cli
 from course_utils.assets import registry as asset_registry
 
 REAL_DATA_DIR = os.environ.get("COURSE_DATA_DIR")

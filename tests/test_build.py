@@ -4,7 +4,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -26,7 +25,8 @@ def test_nested_block_uses_the_innermost_function():
 
 def test_top_level_value_becomes_ellipsis_per_name():
     src = "### BEGIN SOLUTION\nmass_cat, mass_dog = 0.7, 0.2\nrank: int = 3\n### END SOLUTION\ncheck('x', rank)"
-    assert strip_code(src) == "mass_cat = ...  # your code here\nmass_dog = ...  # your code here\nrank = ...  # your code here\ncheck('x', rank)"
+    assert strip_code(src) == ("mass_cat = ...  # your code here\nmass_dog = ...  # your code here\n"
+                               "rank = ...  # your code here\ncheck('x', rank)")
 
 
 def test_hidden_tests_and_nbval_markers_are_dropped():

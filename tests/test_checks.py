@@ -54,7 +54,8 @@ def test_shape_mismatch_names_both_shapes():
 
 
 def test_dtype_mismatch():
-    assert "dtype: expected torch.float32, got torch.float64" in diagnose(torch.zeros(2), torch.zeros(2, dtype=torch.float64))
+    msg = diagnose(torch.zeros(2), torch.zeros(2, dtype=torch.float64))
+    assert "dtype: expected torch.float32, got torch.float64" in msg
 
 
 def test_nan_is_reported_with_its_place():

@@ -21,7 +21,6 @@ from PIL import Image
 
 from course_utils import assets, cifar
 from course_utils.assets import AssetMissingError
-from course_utils.config import Config
 from course_utils.cifar import (
     CIFAR10_CLASSES,
     CIFAR10_MEAN,
@@ -30,6 +29,7 @@ from course_utils.cifar import (
     load_cifar10_subset,
     normalize,
 )
+from course_utils.config import Config
 
 REAL_DATA_DIR = os.environ.get("COURSE_DATA_DIR")
 

@@ -142,8 +142,8 @@ def test_sqrtm_psd() -> None:
     assert torch.allclose(R @ R, S, atol=1e-10)
     assert torch.equal(R, R.transpose(-1, -2))
     assert torch.allclose(R[0], M.sqrtm_reference(S[0]), atol=1e-12)
-    I = G.inv_sqrtm_psd(S)
-    assert torch.allclose(I @ S @ I, torch.eye(6, dtype=F64).expand(2, 6, 6), atol=1e-9)
+    inv = G.inv_sqrtm_psd(S)
+    assert torch.allclose(inv @ S @ inv, torch.eye(6, dtype=F64).expand(2, 6, 6), atol=1e-9)
     q, _ = torch.linalg.qr(torch.randn(4, 4, dtype=F64))
     almost = q @ torch.diag(torch.tensor([1.0, 0.5, 0.0, -1e-14], dtype=F64)) @ q.T
     assert torch.isfinite(G.sqrtm_psd(almost)).all()       # tiny negative eigenvalues are clamped
@@ -182,7 +182,8 @@ def test_singular_policy_is_the_moore_penrose_pseudo_inverse() -> None:
     assert _rel(inv_half, torch.linalg.pinv(half, hermitian=True, rtol=1e-8)) < 1e-8
     proj = inv_half @ singular @ inv_half
     assert _rel(proj @ proj, proj) < 1e-10 and round(float(torch.trace(proj))) == 2
-    assert torch.equal(G.inv_sqrtm_psd(singular), inv_half) and torch.equal(G.psd_sqrt(singular, inverse=True), inv_half)
+    assert torch.equal(G.inv_sqrtm_psd(singular), inv_half)
+    assert torch.equal(G.psd_sqrt(singular, inverse=True), inv_half)
     # the Monge map of a singular source: no error; it lives on range(S) and A S A = P T P
     T = _spd(d, 9)
     A = G.monge_map(singular, T)

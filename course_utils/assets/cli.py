@@ -74,11 +74,12 @@ def status() -> dict[str, Any]:
 def _size_str(n: int | None) -> str:
     if n is None:
         return "?"
+    size = float(n)
     for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return f"{n}"
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size}"
 
 
 def _needed(row: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ import urllib.request
 import uuid
 import zipfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 from course_utils.assets.registry import Asset, Source
 from course_utils.assets.store import CHUNK
@@ -22,7 +22,7 @@ from course_utils.assets.store import CHUNK
 DOWNLOAD_TIMEOUT_S = 30.0
 
 
-def _copy_stream(src: BinaryIO, out: BinaryIO) -> None:
+def _copy_stream(src: IO[bytes], out: BinaryIO) -> None:
     while chunk := src.read(CHUNK):
         out.write(chunk)
 

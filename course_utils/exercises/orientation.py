@@ -114,7 +114,8 @@ def _score_cases() -> list[Case]:
     return [
         Case("batch 2, 5 queries, 7 keys, d=4", (torch.randn(2, 5, 4, generator=g), torch.randn(2, 7, 4, generator=g))),
         Case("one query, one key, d=1", (torch.randn(1, 1, 1, generator=g), torch.randn(1, 1, 1, generator=g))),
-        Case("batch 3, 4 queries, 4 keys, d=16", (torch.randn(3, 4, 16, generator=g), torch.randn(3, 4, 16, generator=g))),
+        Case("batch 3, 4 queries, 4 keys, d=16",
+             (torch.randn(3, 4, 16, generator=g), torch.randn(3, 4, 16, generator=g))),
     ]
 
 
@@ -238,7 +239,9 @@ def _capture_late_binding(model, layer_names, x):
     modules = dict(model.named_modules())
     acts, handles = {}, []
     for name in layer_names:
-        handles.append(modules[name].register_forward_hook(lambda m, i, o: acts.__setitem__(name, o.detach())))
+        # the bug this mistake teaches: the lambda reads `name` late (hence the noqa)
+        handles.append(modules[name].register_forward_hook(
+            lambda m, i, o: acts.__setitem__(name, o.detach())))  # noqa: B023
     model(x)
     for h in handles:
         h.remove()

@@ -108,8 +108,9 @@ def class_power_sums_triton(x: torch.Tensor, y: torch.Tensor, num_classes: int, 
     N, D = x.shape
     out = torch.empty(4, num_classes, D, device=x.device, dtype=torch.float32)
     bn, bd = blocks
+    # Triton takes plain ints for `tl.constexpr` parameters; pyright reads the annotation literally
     _kernel[(math.ceil(D / bd),)](x, y, shift, out, N, D, num_classes,
-                                  CP=max(16, 1 << (num_classes - 1).bit_length()), BN=bn, BD=bd)
+                                  CP=max(16, 1 << (num_classes - 1).bit_length()), BN=bn, BD=bd)  # pyright: ignore[reportArgumentType]
     return PowerSums(out, torch.bincount(y, minlength=num_classes))
 
 

@@ -83,8 +83,10 @@ def _count_above(z: torch.Tensor, z_t: torch.Tensor, tgt: torch.Tensor, v0: int)
     return gt.sum(-1)
 
 
-def _chunk_readout(x: torch.Tensor, W: torch.Tensor, tgt: torch.Tensor | None, k: int,
-                   vocab_chunk: int) -> tuple[torch.Tensor, ...]:
+_Chunk = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+def _chunk_readout(x: torch.Tensor, W: torch.Tensor, tgt: torch.Tensor | None, k: int, vocab_chunk: int) -> _Chunk:
     """One chunk of tokens x `[L+1, n, d]`: `(entropy, kl, topk_probs, topk_ids, target_logprob, rank)`,
     the last two None without `tgt`. The vocabulary is swept with an online log-sum-exp, carrying per
     layer and token the running max `m`, `s = sum e^(z-m)`, `sz = sum e^(z-m) z` (entropy), for the last
@@ -131,8 +133,10 @@ def lens_readout_reference(normed: torch.Tensor, W_U: torch.Tensor, *, targets: 
                              targets[t0 : t0 + token_chunk].to(normed.device) if targets is not None else None,
                              k, vocab_chunk)
               for t0 in range(0, max(normed.shape[1], 1), token_chunk)]  # N = 0: one empty chunk
-    entropy, kl, top_p, top_ids, tlp, ranks = (None if part[0] is None else torch.cat(part, 1)
-                                               for part in zip(*chunks))
+    entropy, kl, top_p, top_ids = (torch.cat(part, 1) for part in zip(*(c[:4] for c in chunks)))
+    tlp = ranks = None
+    if targets is not None:  # then every chunk has them
+        tlp, ranks = (torch.cat([t for t in part if t is not None], 1) for part in zip(*(c[4:] for c in chunks)))
     return LensReadout(entropy=entropy, topk_ids=top_ids, topk_probs=top_p, kl_to_final=kl,
                        target_logprob=tlp, target_rank=ranks)
 
@@ -191,14 +195,15 @@ def _build_kernel():
                 t_logit += tl.sum(tl.where(is_t, z, 0.0), 1)
                 above += tl.sum(((z > z_t[:, None]) & ~is_t & v_ok[None, :]).to(tl.int32), 1)
             # merge this tile's top-k into the running top-k: K rounds of "best of the tile replaces
-            # the worst kept, if better"
-            for _ in tl.static_range(K):
+            # the worst kept, if better". (pyright: Triton's stubs make `static_range` un-iterable
+            # outside the JIT and `tl.max`/`tl.min` a tensor-or-tuple, hence the ignores.)
+            for _ in tl.static_range(K):  # pyright: ignore[reportGeneralTypeIssues]
                 best = tl.max(z, 1)
                 where = tl.argmax(z, 1)
                 worst = tl.min(top_v, 1)
                 slot = tl.argmin(top_v, 1)
-                swap = (ks[None, :] == slot[:, None]) & (best > worst)[:, None]
-                top_v = tl.where(swap, best[:, None], top_v)
+                swap = (ks[None, :] == slot[:, None]) & (best > worst)[:, None]  # pyright: ignore[reportOperatorIssue, reportIndexIssue]
+                top_v = tl.where(swap, best[:, None], top_v)  # pyright: ignore[reportCallIssue, reportArgumentType]
                 top_i = tl.where(swap, (v0 + where)[:, None], top_i)
                 z = tl.where(tl.arange(0, BV)[None, :] == where[:, None], float("-inf"), z)
         log_z = m + tl.log(s)
@@ -223,10 +228,9 @@ def _launch(normed: torch.Tensor, W: torch.Tensor, targets: torch.Tensor | None,
     R, N, D = normed.shape
     V = W.shape[0]
     dev = normed.device
-    f32 = dict(device=dev, dtype=torch.float32)
-    out = {name: torch.empty(R, N, **f32) for name in ("logz", "entropy", "t_logit")}
+    out = {name: torch.empty(R, N, device=dev, dtype=torch.float32) for name in ("logz", "entropy", "t_logit")}
     out["above"] = torch.zeros(R, N, device=dev, dtype=torch.int32)
-    out["top_v"] = torch.empty(R, N, k, **f32)
+    out["top_v"] = torch.empty(R, N, k, device=dev, dtype=torch.float32)
     out["top_i"] = torch.empty(R, N, k, device=dev, dtype=torch.int32)
     if targets is not None:
         tgt = targets.to(dev, torch.int64).contiguous()
@@ -235,9 +239,10 @@ def _launch(normed: torch.Tensor, W: torch.Tensor, targets: torch.Tensor | None,
         tgt, z_t = out["above"], out["t_logit"]  # unused placeholders
     bt, bv, bd = blocks
     grid = (math.ceil(N / bt), R)
+    # Triton takes plain values for `tl.constexpr` parameters; pyright reads the annotation literally
     _kernel[grid](normed, W, tgt, z_t, out["logz"], out["entropy"], out["t_logit"], out["above"],
-                  out["top_v"], out["top_i"], N, V, D, HAS_TGT=targets is not None, K=k,
-                  KP=max(2, 1 << (k - 1).bit_length()), BT=bt, BV=bv, BD=bd, PRECISION=precision)
+                  out["top_v"], out["top_i"], N, V, D, HAS_TGT=targets is not None, K=k,  # pyright: ignore[reportArgumentType]
+                  KP=max(2, 1 << (k - 1).bit_length()), BT=bt, BV=bv, BD=bd, PRECISION=precision)  # pyright: ignore[reportArgumentType]
     return out
 
 

@@ -17,8 +17,8 @@ its residual, and callers fall back to `eigh` where it is too large.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 

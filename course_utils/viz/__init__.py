@@ -1,7 +1,7 @@
 """Pictures: shared plotting primitives here, one module per topic for its own plots and widgets."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -45,9 +45,13 @@ def overlay(image, heatmap, *, alpha: float = 0.5, cmap: str = "jet", ax=None, t
     import torch.nn.functional as F
 
     img = to_hwc(image)
-    h = heatmap.detach().float().cpu() if hasattr(heatmap, "detach") else torch.as_tensor(np.asarray(heatmap), dtype=torch.float32)
+    if hasattr(heatmap, "detach"):
+        h = heatmap.detach().float().cpu()
+    else:
+        h = torch.as_tensor(np.asarray(heatmap), dtype=torch.float32)
     if tuple(h.shape[-2:]) != img.shape[:2]:
-        h = F.interpolate(h.reshape(1, 1, *h.shape[-2:]), size=img.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+        h = F.interpolate(h.reshape(1, 1, *h.shape[-2:]), size=img.shape[:2], mode="bilinear",
+                          align_corners=False)[0, 0]
     h = h.reshape(img.shape[:2]).numpy()
     rng = h.max() - h.min()
     h = (h - h.min()) / rng if rng > 0 else np.zeros_like(h)
