@@ -56,6 +56,7 @@ __all__ = [
     "bucket_kl",
     "sampled_log_partition",
     "exact_mean_kl",
+    "loss_approximation",
     "lens_training_set",
     "fit_tuned_lens",
     "excess_kurtosis",
@@ -511,10 +512,7 @@ class TunedLens(nn.Module):
         W_U = self.parts.unembed.weight.detach()
         rows, col, log_w = _sampled_rows(top_ids.to(dev), W_U.shape[0], vocab_sample, gen)
         z = (self.parts.final_norm(self._move(res[:-1].to(dev))) @ W_U[rows].T).float()  # [L, b, r]
-        log_z = sampled_log_partition(z, log_w)
-        q_top = z.gather(-1, col.expand(z.shape[0], -1, -1)) - log_z[..., None]
-        q_tail = torch.log1p(-q_top.logsumexp(-1).exp().clamp(max=1 - 1e-6))
-        kl = bucket_kl(top_logp.to(dev), tail_logp.to(dev), q_top, q_tail).mean()
+        kl = _training_kl(z, col, log_w, top_logp.to(dev), tail_logp.to(dev)).mean()
         kl.backward()
         return float(kl.detach())
 
@@ -642,6 +640,40 @@ def _sampled_rows(top_ids: torch.Tensor, V: int, m: int | None,
     log_w = torch.cat([torch.zeros(len(kept), device=dev),
                        torch.full((m,), math.log(len(rest) / max(m, 1)), device=dev)])
     return torch.cat([kept, extra]), col, log_w
+
+
+def _training_kl(z: torch.Tensor, col: torch.Tensor, log_w: torch.Tensor, top_logp: torch.Tensor,
+                 tail_logp: torch.Tensor) -> torch.Tensor:
+    """The training loss per token: `bucket_kl` with the layer's log-partition from the kept rows.
+
+    z: `[..., b, r]` logits of the rows `_sampled_rows` chose, col `[b, k]`, log_w `[r]`,
+    top_logp `[b, k]`, tail_logp `[b]` -> `[..., b]`.
+    """
+    log_z = sampled_log_partition(z, log_w)
+    q_top = z.gather(-1, col.expand(*z.shape[:-1], col.shape[-1])) - log_z[..., None]
+    q_tail = torch.log1p(-q_top.logsumexp(-1).exp().clamp(max=1 - 1e-6))
+    return bucket_kl(top_logp, tail_logp, q_top, q_tail)
+
+
+@torch.no_grad()
+def loss_approximation(normed: torch.Tensor, W_U: torch.Tensor, *, k: int, vocab_sample: int | None,
+                       seed: int = 0) -> dict[str, float]:
+    """The training loss's approximations against the exact KL, on the same tokens.
+
+    normed: `[L+1, N, d]` (a lens's read-out input, the last layer the model's). Returns the mean
+    over layers 0..L-1 and tokens of `"exact"` (the KL over the whole vocabulary), `"bucket"`
+    (top-k + tail, exact partition) and `"sampled"` (top-k + tail, the partition from the tokens'
+    top-k plus `vocab_sample` random rows: the loss `TunedLens.fit_cached` minimises).
+    """
+    top_ids, top_logp, tail_logp = final_topk(normed[-1], W_U, k)
+    out = {"exact": float(exact_mean_kl(normed, W_U)[:-1].mean())}
+    gen = torch.Generator().manual_seed(seed)
+    for name, m in (("bucket", None), ("sampled", vocab_sample)):
+        rows, col, log_w = _sampled_rows(top_ids, W_U.shape[0], m, gen)
+        per_layer = [_training_kl((normed[l] @ W_U[rows].T).float(), col, log_w, top_logp, tail_logp).mean()
+                     for l in range(normed.shape[0] - 1)]
+        out[name] = float(torch.stack(per_layer).mean())
+    return out
 
 
 @torch.no_grad()

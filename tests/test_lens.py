@@ -482,3 +482,14 @@ def test_excess_kurtosis_max_to_median_and_clipping():
     assert (clipped.abs() <= bound + 1e-6).all() and (clipped[0, :, 7] < 300).all()
     inside = x.abs() <= bound
     assert torch.equal(clipped[inside], x[inside])  # only the outliers move
+
+
+def test_loss_approximation_reports_the_exact_kl_and_bounds():
+    g = torch.Generator().manual_seed(4)
+    normed, W_U = torch.randn(4, 30, 8, generator=g) * 2, torch.randn(200, 8, generator=g)
+    got = L.loss_approximation(normed, W_U, k=8, vocab_sample=50)
+    exact = _exact_kl(normed[-1] @ W_U.T, normed[:-1] @ W_U.T).mean()
+    assert got["exact"] == pytest.approx(float(exact), rel=1e-4)
+    assert got["bucket"] <= got["exact"] + 1e-5  # coarsening never adds KL
+    full = L.loss_approximation(normed, W_U, k=199, vocab_sample=None)
+    assert full["bucket"] == pytest.approx(full["exact"], rel=1e-3) and full["sampled"] == full["bucket"]
