@@ -40,10 +40,10 @@ def sizes() -> dict[str, int | None]:
         heldout_windows=CFG.pick(ci=1, laptop=1, full=4),
         heldout_len=CFG.pick(ci=32, laptop=64, full=128),
         k=CFG.pick(ci=32, laptop=32, full=128),
-        steps=CFG.pick(ci=16, laptop=200, full=2000),
+        steps=CFG.pick(ci=20, laptop=200, full=2000),
         batch_tokens=CFG.pick(ci=32, laptop=64, full=256),
         vocab_sample=CFG.pick(ci=2048, laptop=2048, full=None),
-        eval_every=CFG.pick(ci=8, laptop=40, full=200),
+        eval_every=CFG.pick(ci=4, laptop=40, full=200),
     )
 
 
