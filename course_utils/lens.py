@@ -24,6 +24,7 @@ reference and a Triton kernel, chosen by `kernels.dispatch`); this module wraps 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,16 @@ __all__ = [
     "TunedLens",
     "FitLog",
     "translate",
+    "final_topk",
+    "bucket_kl",
+    "sampled_log_partition",
+    "exact_mean_kl",
+    "loss_approximation",
+    "lens_training_set",
+    "fit_tuned_lens",
+    "excess_kurtosis",
+    "max_to_median",
+    "clip_outliers",
     "repeated_random_tokens",
     "attention_patterns",
     "induction_score",
@@ -315,10 +326,14 @@ def translate(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torc
 
 @dataclass
 class FitLog:
-    """What `TunedLens.fit` did: `steps`, the training loss (mean KL over layers) per step."""
+    """What `TunedLens.fit` / `fit_cached` did: `steps`, the training loss (mean KL over layers) per
+    step, and (`fit_cached` with held-out residuals) the exact held-out mean KL `eval_kl` after the
+    steps `eval_steps` (step 0 = before training)."""
 
     steps: int = 0
     losses: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_kl: list[float] = field(default_factory=list)
 
 
 class TunedLens(nn.Module):
@@ -399,27 +414,13 @@ class TunedLens(nn.Module):
         if residuals.dim() != 3 or residuals.shape[0] != self.n_layers + 1:
             raise ValueError(f"fit needs cached residuals [L+1, N, d] = [{self.n_layers + 1}, N, "
                              f"{self.parts.d_model}], got {tuple(residuals.shape)} (see collect_residuals)")
-        if bool((self.bias_unit == 0).all() and (self.weight == 0).all()):  # untrained: measure scales
-            with torch.no_grad():
-                sample = residuals[:-1, :4096].float()
-                self.scale.copy_(sample.pow(2).mean(-1).sqrt().median(1).values.clamp_min(1e-6))
+        self._init_scale(residuals)
         gen = torch.Generator().manual_seed(seed)
-        if optimizer == "adam":
-            groups = [{"params": [self.weight], "lr": lr},
-                      {"params": [self.bias_unit], "lr": bias_lr if bias_lr is not None else lr}]
-            opt: torch.optim.Optimizer = torch.optim.Adam(groups, fused=True)
-        elif optimizer == "sgd":  # Belrose et al.: SGD with Nesterov momentum
-            opt = torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9, nesterov=True)
-        else:
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)  # linear to 0
+        opt, decay = self._optimiser(lr, bias_lr, optimizer, steps)
         if layer_chunk is None:  # all layers in one go, unless the full-vocabulary logits would be large
             layer_chunk = self.n_layers if vocab_sample is not None else max(1, 2**22 // (batch_tokens * 4096))
         log = FitLog()
-        frozen = [(p, p.requires_grad) for p in self.parts.final_norm.parameters()]
-        for p, _ in frozen:  # gradients for the translators only, never into the model
-            p.requires_grad_(False)
-        try:
+        with self._model_frozen():
             for _ in tqdm(range(steps), desc="tuned lens", disable=not progress):
                 pick = torch.randint(0, residuals.shape[1], (batch_tokens,), generator=gen)
                 res = residuals[:, pick].to(self.scale.device)
@@ -428,10 +429,92 @@ class TunedLens(nn.Module):
                 opt.step()
                 decay.step()
                 log.steps += 1
+        return log
+
+    def _init_scale(self, residuals: torch.Tensor) -> None:
+        """Untrained lens: set each layer's bias scale `s_l` from `residuals [L+1, N, d]` (then frozen)."""
+        if bool((self.bias_unit == 0).all() and (self.weight == 0).all()):
+            with torch.no_grad():
+                sample = residuals[:-1, :4096].float()
+                self.scale.copy_(sample.pow(2).mean(-1).sqrt().median(1).values.clamp_min(1e-6))
+
+    def _optimiser(self, lr: float, bias_lr: float | None, optimizer: str, steps: int):
+        """`(optimizer, scheduler)`: Adam (bias with its own rate) or Nesterov SGD, linear decay to 0."""
+        if optimizer == "adam":
+            groups = [{"params": [self.weight], "lr": lr},
+                      {"params": [self.bias_unit], "lr": bias_lr if bias_lr is not None else lr}]
+            opt: torch.optim.Optimizer = torch.optim.Adam(groups, fused=True)
+        elif optimizer == "sgd":  # Belrose et al.: SGD with Nesterov momentum
+            opt = torch.optim.SGD(self.parameters(), lr=lr, momentum=0.9, nesterov=True)
+        else:
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
+
+    @contextmanager
+    def _model_frozen(self):
+        """Gradients for the translators only, never into the model (its flags restored after)."""
+        frozen = [(p, p.requires_grad) for p in self.parts.final_norm.parameters()]
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        try:
+            yield
         finally:
             for p, flag in frozen:
                 p.requires_grad_(flag)
+
+    def fit_cached(self, train: dict[str, torch.Tensor], *, steps: int = 300, batch_tokens: int = 64,
+                   lr: float = 1e-3, bias_lr: float | None = None, vocab_sample: int | None = 2048,
+                   heldout: torch.Tensor | None = None, eval_every: int = 0, seed: int = 0,
+                   progress: bool = True) -> FitLog:
+        """Train every translator from a cache (`lens_training_set`): the model never runs again.
+
+        train: `residuals [L+1, N, d]`, and the final distribution as `top_ids [N, k]`,
+        `top_logp [N, k]`, `tail_logp [N]`. The loss is `bucket_kl` (the KL between the final
+        distribution and the layer's, both coarsened to the k top tokens plus one tail bucket), with
+        the layer's log-partition `sampled_log_partition` over the batch's top tokens plus
+        `vocab_sample` random others (None: the whole vocabulary). With `heldout [L+1, n, d]`, the
+        exact held-out mean KL (`exact_mean_kl`, layers 0..L-1) is logged every `eval_every` steps.
+        """
+        residuals = train["residuals"]
+        if residuals.dim() != 3 or residuals.shape[0] != self.n_layers + 1:
+            raise ValueError(f"fit_cached needs train['residuals'] = [L+1, N, d] = [{self.n_layers + 1}, N, "
+                             f"{self.parts.d_model}], got {tuple(residuals.shape)} (see lens_training_set)")
+        self._init_scale(residuals)
+        gen = torch.Generator().manual_seed(seed)
+        opt, decay = self._optimiser(lr, bias_lr, "adam", steps)
+        log = FitLog()
+        with self._model_frozen():
+            for step in tqdm(range(steps), desc="tuned lens (cached)", disable=not progress):
+                if heldout is not None and eval_every and step % eval_every == 0:
+                    self._log_heldout(log, heldout, step)
+                pick = torch.randint(0, residuals.shape[1], (batch_tokens,), generator=gen)
+                opt.zero_grad(set_to_none=True)
+                log.losses.append(self._bucket_kl_backward(
+                    residuals[:, pick], train["top_ids"][pick], train["top_logp"][pick],
+                    train["tail_logp"][pick], vocab_sample, gen))
+                opt.step()
+                decay.step()
+                log.steps += 1
+        if heldout is not None and eval_every:
+            self._log_heldout(log, heldout, steps)
         return log
+
+    def _log_heldout(self, log: FitLog, heldout: torch.Tensor, step: int) -> None:
+        with torch.no_grad():
+            kl = exact_mean_kl(self.normed(heldout.to(self.scale.device)), self.parts.unembed.weight.detach())
+        log.eval_steps.append(step)
+        log.eval_kl.append(float(kl[:-1].mean()))
+
+    def _bucket_kl_backward(self, res: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor,
+                            tail_logp: torch.Tensor, vocab_sample: int | None, gen: torch.Generator) -> float:
+        """Backpropagate the mean over layers 0..L-1 and tokens of `bucket_kl` for res `[L+1, b, d]`."""
+        dev = self.scale.device
+        W_U = self.parts.unembed.weight.detach()
+        rows, col, log_w = _sampled_rows(top_ids.to(dev), W_U.shape[0], vocab_sample, gen)
+        z = (self.parts.final_norm(self._move(res[:-1].to(dev))) @ W_U[rows].T).float()  # [L, b, r]
+        kl = _training_kl(z, col, log_w, top_logp.to(dev), tail_logp.to(dev)).mean()
+        kl.backward()
+        return float(kl.detach())
 
     def _kl_backward(self, res: torch.Tensor, vocab_sample: int | None, gen: torch.Generator,
                      layer_chunk: int) -> float:
@@ -462,6 +545,22 @@ class TunedLens(nn.Module):
             total += float(kl.detach())
         return total
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The translators as plain CPU tensors: `weight [L, d, d]`, `bias_unit [L, d]`, `scale [L]`."""
+        return {name: getattr(self, name).detach().cpu().clone() for name in ("weight", "bias_unit", "scale")}
+
+    @classmethod
+    def from_state(cls, model: nn.Module | LMParts, state: dict[str, torch.Tensor]) -> "TunedLens":
+        """A TunedLens for `model` holding `state` (from `state()` or `fit_tuned_lens`)."""
+        lens = cls(model)
+        if tuple(state["weight"].shape) != tuple(lens.weight.shape):
+            raise ValueError(f"the state holds translators of shape {tuple(state['weight'].shape)}, but this "
+                             f"model needs {tuple(lens.weight.shape)}; train the lens for this model")
+        with torch.no_grad():
+            for name in ("weight", "bias_unit", "scale"):
+                getattr(lens, name).copy_(state[name])
+        return lens
+
     def save(self, path: str | Path) -> Path:
         """Write the translators (and what model shape they fit) to `path` (a `.pt` file)."""
         path = Path(path)
@@ -482,6 +581,177 @@ class TunedLens(nn.Module):
             for name in ("weight", "bias_unit", "scale"):
                 getattr(lens, name).copy_(state[name])
         return lens
+
+
+# ----------------------------------------------------------------------------------------------
+# 5b. Training the tuned lens from a cache
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def final_topk(final_normed: torch.Tensor, W_U: torch.Tensor, k: int = 32,
+               token_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's output distribution, kept as its `k` top tokens plus the mass of the rest.
+
+    final_normed: `[N, d]` (`final_norm(h_L)`), W_U: `[V, d]` -> `(top_ids [N, k] int64,
+    top_logp [N, k], tail_logp [N])`, exact log-probabilities, `tail_logp = log(1 - sum top)`.
+    """
+    ids, logps, tails = [], [], []
+    for t0 in range(0, final_normed.shape[0], token_chunk):
+        logp = (final_normed[t0 : t0 + token_chunk] @ W_U.T).float().log_softmax(-1)
+        top, idx = logp.topk(k, -1)
+        ids.append(idx)
+        logps.append(top)
+        tails.append(torch.log1p(-top.logsumexp(-1).exp().clamp(max=1 - 1e-7)))
+    return torch.cat(ids), torch.cat(logps), torch.cat(tails)
+
+
+def bucket_kl(p_top: torch.Tensor, p_tail: torch.Tensor, q_top: torch.Tensor, q_tail: torch.Tensor) -> torch.Tensor:
+    """KL between two distributions coarsened to `k` named tokens plus one tail bucket (nats).
+
+    p_top `[..., k]`, p_tail `[...]` (log-probabilities of the final layer), q_top `[..., k]`,
+    q_tail `[...]` (the layer's, same tokens) -> `[...]`. By the data-processing inequality it is
+    never above the exact KL, and equals it when the tail holds one token or none.
+    """
+    top = (p_top.exp() * (p_top - q_top)).sum(-1)
+    return top + p_tail.exp() * (p_tail - q_tail)
+
+
+def sampled_log_partition(z: torch.Tensor, log_w: torch.Tensor) -> torch.Tensor:
+    """`log sum_r w_r e^{z_r}`: the log-partition from some rows of the vocabulary, each weighted.
+
+    z: `[..., r]` logits of the kept rows, log_w: `[r]` (0 for rows kept for sure, `log(n_rest / m)`
+    for `m` rows drawn uniformly from the `n_rest` others) -> `[...]`. `sum_r w_r e^{z_r}` is an
+    unbiased estimate of the partition function; with every row kept it is exact.
+    """
+    return torch.logsumexp(z + log_w, -1)
+
+
+def _sampled_rows(top_ids: torch.Tensor, V: int, m: int | None,
+                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of `W_U` for one step: `(rows [r], col [b, k] (where each top id sits in rows), log_w [r])`."""
+    dev = top_ids.device
+    if m is None:
+        return torch.arange(V, device=dev), top_ids, torch.zeros(V, device=dev)
+    kept, col = torch.unique(top_ids, return_inverse=True)
+    rest = torch.ones(V, dtype=torch.bool, device=dev)
+    rest[kept] = False
+    rest = rest.nonzero()[:, 0]
+    m = min(m, len(rest))
+    extra = rest[torch.randperm(len(rest), generator=gen)[:m].to(dev)]
+    log_w = torch.cat([torch.zeros(len(kept), device=dev),
+                       torch.full((m,), math.log(len(rest) / max(m, 1)), device=dev)])
+    return torch.cat([kept, extra]), col, log_w
+
+
+def _training_kl(z: torch.Tensor, col: torch.Tensor, log_w: torch.Tensor, top_logp: torch.Tensor,
+                 tail_logp: torch.Tensor) -> torch.Tensor:
+    """The training loss per token: `bucket_kl` with the layer's log-partition from the kept rows.
+
+    z: `[..., b, r]` logits of the rows `_sampled_rows` chose, col `[b, k]`, log_w `[r]`,
+    top_logp `[b, k]`, tail_logp `[b]` -> `[..., b]`.
+    """
+    log_z = sampled_log_partition(z, log_w)
+    q_top = z.gather(-1, col.expand(*z.shape[:-1], col.shape[-1])) - log_z[..., None]
+    q_tail = torch.log1p(-q_top.logsumexp(-1).exp().clamp(max=1 - 1e-6))
+    return bucket_kl(top_logp, tail_logp, q_top, q_tail)
+
+
+@torch.no_grad()
+def loss_approximation(normed: torch.Tensor, W_U: torch.Tensor, *, k: int, vocab_sample: int | None,
+                       seed: int = 0) -> dict[str, float]:
+    """The training loss's approximations against the exact KL, on the same tokens.
+
+    normed: `[L+1, N, d]` (a lens's read-out input, the last layer the model's). Returns the mean
+    over layers 0..L-1 and tokens of `"exact"` (the KL over the whole vocabulary), `"bucket"`
+    (top-k + tail, exact partition) and `"sampled"` (top-k + tail, the partition from the tokens'
+    top-k plus `vocab_sample` random rows: the loss `TunedLens.fit_cached` minimises).
+    """
+    top_ids, top_logp, tail_logp = final_topk(normed[-1], W_U, k)
+    out = {"exact": float(exact_mean_kl(normed, W_U)[:-1].mean())}
+    gen = torch.Generator().manual_seed(seed)
+    for name, m in (("bucket", None), ("sampled", vocab_sample)):
+        rows, col, log_w = _sampled_rows(top_ids, W_U.shape[0], m, gen)
+        per_layer = [_training_kl((normed[l] @ W_U[rows].T).float(), col, log_w, top_logp, tail_logp).mean()
+                     for l in range(normed.shape[0] - 1)]
+        out[name] = float(torch.stack(per_layer).mean())
+    return out
+
+
+@torch.no_grad()
+def exact_mean_kl(normed: torch.Tensor, W_U: torch.Tensor, *, layer_chunk: int = 4,
+                  token_chunk: int = 256) -> torch.Tensor:
+    """`KL(p_L || p_l)` over the whole vocabulary, averaged over tokens: normed `[L+1, N, d]` -> `[L+1]`.
+
+    The cheap exact check of a tuned lens during training (no top-k, ranks or entropy).
+    """
+    total = torch.zeros(normed.shape[0], dtype=torch.float64)
+    for t0 in range(0, normed.shape[1], token_chunk):
+        x = normed[:, t0 : t0 + token_chunk]
+        final = (x[-1] @ W_U.T).float().log_softmax(-1)
+        for l0 in range(0, x.shape[0], layer_chunk):
+            logq = (x[l0 : l0 + layer_chunk] @ W_U.T).float().log_softmax(-1)
+            total[l0 : l0 + layer_chunk] += (final.exp() * (final - logq)).sum(-1).sum(-1).double().cpu()
+    return (total / max(normed.shape[1], 1)).float()
+
+
+def lens_training_set(model: nn.Module, windows: torch.Tensor, *, k: int = 32, batch_size: int = 8,
+                      progress: bool = True) -> dict[str, torch.Tensor]:
+    """Run the model once over `windows [n, T]` and keep what training a tuned lens needs.
+
+    Returns `residuals [L+1, N, d]` and `next_ids [N]` (`collect_residuals`, position 0 left out),
+    and the final distribution as `final_topk`: `top_ids [N, k]`, `top_logp [N, k]`, `tail_logp [N]`.
+    Cache it (`cache.cached`): `TunedLens.fit_cached` then never runs the model.
+    """
+    parts = _parts(model)
+    residuals, next_ids = collect_residuals(model, windows, batch_size=batch_size, progress=progress)
+    with torch.no_grad():
+        final = parts.final_norm(residuals[-1].to(_device(model)))
+    top_ids, top_logp, tail_logp = final_topk(final, parts.unembed.weight.detach(), k)
+    return {"residuals": residuals, "next_ids": next_ids, "top_ids": top_ids.cpu(),
+            "top_logp": top_logp.cpu(), "tail_logp": tail_logp.cpu()}
+
+
+def fit_tuned_lens(model: nn.Module, train: dict[str, torch.Tensor], heldout: torch.Tensor, *, steps: int,
+                   batch_tokens: int = 64, lr: float = 1e-3, bias_lr: float | None = 1e-2,
+                   vocab_sample: int | None = 2048, eval_every: int = 0, seed: int = 0,
+                   progress: bool = True) -> dict:
+    """A tuned lens trained by `TunedLens.fit_cached`, as a plain result for `cache.cached`.
+
+    Returns `{"state": TunedLens.state(), "losses": [steps], "eval_steps": [...], "eval_kl": [...]}`;
+    rebuild the lens with `TunedLens.from_state(model, result["state"])`.
+    """
+    lens = TunedLens(model)
+    log = lens.fit_cached(train, steps=steps, batch_tokens=batch_tokens, lr=lr, bias_lr=bias_lr,
+                          vocab_sample=vocab_sample, heldout=heldout, eval_every=eval_every, seed=seed,
+                          progress=progress)
+    return {"state": lens.state(), "losses": torch.tensor(log.losses),
+            "eval_steps": torch.tensor(log.eval_steps), "eval_kl": torch.tensor(log.eval_kl)}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5c. Heavy tails: massive activations in the residual stream
+# ----------------------------------------------------------------------------------------------
+def excess_kurtosis(residuals: torch.Tensor) -> torch.Tensor:
+    """Excess kurtosis of each residual vector's coordinates: `[..., d]` -> `[...]`.
+
+    `E[(h - mean)^4] / Var^2 - 3` over the `d` coordinates (population moments): 0 for Gaussian
+    coordinates, large when a few coordinates dwarf the rest.
+    """
+    x = residuals.double()
+    c = x - x.mean(-1, keepdim=True)
+    var = c.pow(2).mean(-1)
+    return (c.pow(4).mean(-1) / var.pow(2) - 3).float()
+
+
+def max_to_median(residuals: torch.Tensor) -> torch.Tensor:
+    """`max_i |h_i| / median_i |h_i|` of each residual vector: `[..., d]` -> `[...]`."""
+    a = residuals.abs().float()
+    return a.amax(-1) / a.median(-1).values.clamp_min(1e-12)
+
+
+def clip_outliers(residuals: torch.Tensor, factor: float = 10.0) -> torch.Tensor:
+    """Clamp every coordinate to `±factor × median_i |h_i|` of its own vector: `[..., d]` -> `[..., d]`."""
+    bound = factor * residuals.abs().median(-1, keepdim=True).values
+    return torch.maximum(torch.minimum(residuals, bound), -bound)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -378,3 +378,118 @@ def test_real_model_last_layer_lens_and_paris(smollm2):
     ranks = stats.target_rank[:, 0]
     assert ranks[:22].min() > 1000 and ranks[28:].max() == 0  # PROVENANCE.md section 2
     assert stats.mean_kl()[-1] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# training the tuned lens from a cache: each approximation against the exact KL
+# ---------------------------------------------------------------------------------------------
+def _exact_kl(final_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    p, q = final_logits.log_softmax(-1), logits.log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+def test_final_topk_and_bucket_kl_against_the_exact_kl():
+    g = torch.Generator().manual_seed(0)
+    d, V, N = 16, 300, 40
+    W_U = torch.randn(V, d, generator=g)
+    final, layer = torch.randn(N, d, generator=g) * 2, torch.randn(N, d, generator=g) * 2
+    exact = _exact_kl(final @ W_U.T, layer @ W_U.T)
+    for k in (1, 8, 64, V - 1, V):
+        ids, top, tail = L.final_topk(final, W_U, k, token_chunk=7)
+        torch.testing.assert_close(top, (final @ W_U.T).log_softmax(-1).gather(-1, ids))
+        q = (layer @ W_U.T).log_softmax(-1)
+        q_top = q.gather(-1, ids)
+        q_tail = torch.log1p(-q_top.logsumexp(-1).exp().clamp(max=1 - 1e-7))
+        approx = L.bucket_kl(top, tail, q_top, q_tail)
+        assert (approx <= exact + 1e-4).all(), k  # data processing: coarsening never adds KL
+        if k >= V - 1:  # a tail of one token (or none) loses nothing
+            torch.testing.assert_close(approx, exact, atol=1e-3, rtol=1e-3)
+    assert (approx - exact).abs().max() < 1e-3
+
+
+def test_sampled_log_partition_is_exact_with_every_row_and_unbiased_when_sampled():
+    g = torch.Generator().manual_seed(1)
+    V = 500
+    z = torch.randn(3, V, generator=g)
+    exact = z.logsumexp(-1)
+    top_ids = torch.tensor([[0, 1, 2], [2, 3, 4], [5, 6, 7]])
+    rows, col, log_w = L._sampled_rows(top_ids, V, None, g)
+    torch.testing.assert_close(L.sampled_log_partition(z[:, rows], log_w), exact)
+    rows, col, log_w = L._sampled_rows(top_ids, V, 10_000, g)  # m larger than the rest: every row once
+    torch.testing.assert_close(L.sampled_log_partition(z[:, rows], log_w), exact)
+    assert torch.equal(rows[col], top_ids)  # col says where each top id sits among the rows
+    estimates = []
+    for _ in range(400):
+        rows, col, log_w = L._sampled_rows(top_ids, V, 50, g)
+        assert len(rows) == 8 + 50 and torch.equal(rows[col], top_ids)
+        estimates.append(L.sampled_log_partition(z[:, rows], log_w).exp())
+    mean = torch.stack(estimates).mean(0)
+    torch.testing.assert_close(mean, exact.exp(), rtol=0.03, atol=0)  # E[estimate] = Z
+
+
+def test_exact_mean_kl_equals_the_fused_readout():
+    g = torch.Generator().manual_seed(2)
+    normed, W_U = torch.randn(4, 50, 8, generator=g), torch.randn(97, 8, generator=g)
+    got = L.exact_mean_kl(normed, W_U, layer_chunk=3, token_chunk=17)
+    torch.testing.assert_close(got, L.lens_stats_reference(normed, W_U).mean_kl(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, _exact_kl(normed[-1] @ W_U.T, normed @ W_U.T).mean(-1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("vocab_sample", [None, 64])
+def test_fit_cached_trains_from_the_cache_and_lowers_the_heldout_kl(vocab_sample):
+    model = randomise_norms(tiny_lm("llama", n_layers=3, d_model=32, vocab=2000, seed=1))
+    with torch.no_grad():
+        lm_parts(model).final_norm.weight.mul_(20)
+    windows = ids_for(2000, batch=16, seq=17, seed=1)
+    train = L.lens_training_set(model, windows, k=64, progress=False)
+    res, nxt = L.collect_residuals(model, windows, progress=False)
+    assert torch.equal(train["residuals"], res) and torch.equal(train["next_ids"], nxt)
+    assert train["top_ids"].shape == (res.shape[1], 64) and train["tail_logp"].shape == (res.shape[1],)
+    held_out = _residuals(model, 4, 2)
+    result = L.fit_tuned_lens(model, train, held_out, steps=60, batch_tokens=8, lr=1e-2, bias_lr=1e-2,
+                              vocab_sample=vocab_sample, eval_every=20, progress=False)
+    assert result["eval_steps"].tolist() == [0, 20, 40, 60] and len(result["losses"]) == 60
+    tuned = L.TunedLens.from_state(model, result["state"])
+    W_U = lm_parts(model).unembed.weight.detach()
+    before = L.exact_mean_kl(L.LogitLens(model).normed(held_out), W_U)
+    after = L.exact_mean_kl(tuned.normed(held_out).detach(), W_U)
+    torch.testing.assert_close(float(result["eval_kl"][0]), float(before[:-1].mean()), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(float(result["eval_kl"][-1]), float(after[:-1].mean()), rtol=1e-4, atol=1e-5)
+    assert (after[:-1] < before[:-1]).all() and after[:-1].mean() < 0.9 * before[:-1].mean(), (before, after)
+    assert all(p.grad is None for p in model.parameters()), "training must not touch the model"
+    with pytest.raises(ValueError, match="lens_training_set"):
+        L.TunedLens(model).fit_cached({"residuals": torch.randn(2, 5, 32)}, steps=1)
+    with pytest.raises(ValueError, match="train the lens for this model"):
+        L.TunedLens.from_state(tiny_lm("llama", n_layers=2, d_model=32, vocab=61), result["state"])
+
+
+# ---------------------------------------------------------------------------------------------
+# heavy tails
+# ---------------------------------------------------------------------------------------------
+def test_excess_kurtosis_max_to_median_and_clipping():
+    from scipy import stats
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, 64, generator=g)
+    x[0, :, 7] = 300.0  # a massive coordinate
+    want = torch.from_numpy(stats.kurtosis(x.numpy(), axis=-1, fisher=True, bias=True)).float()
+    torch.testing.assert_close(L.excess_kurtosis(x), want, rtol=1e-4, atol=1e-4)
+    assert (L.excess_kurtosis(x)[0] > 50).all() and L.excess_kurtosis(x)[1:].abs().max() < 3
+    ratio = L.max_to_median(x)
+    torch.testing.assert_close(ratio, x.abs().amax(-1) / x.abs().median(-1).values)
+    clipped = L.clip_outliers(x, factor=5.0)
+    bound = 5.0 * x.abs().median(-1, keepdim=True).values
+    assert (clipped.abs() <= bound + 1e-6).all() and (clipped[0, :, 7] < 300).all()
+    inside = x.abs() <= bound
+    assert torch.equal(clipped[inside], x[inside])  # only the outliers move
+
+
+def test_loss_approximation_reports_the_exact_kl_and_bounds():
+    g = torch.Generator().manual_seed(4)
+    normed, W_U = torch.randn(4, 30, 8, generator=g) * 2, torch.randn(200, 8, generator=g)
+    got = L.loss_approximation(normed, W_U, k=8, vocab_sample=50)
+    exact = _exact_kl(normed[-1] @ W_U.T, normed[:-1] @ W_U.T).mean()
+    assert got["exact"] == pytest.approx(float(exact), rel=1e-4)
+    assert got["bucket"] <= got["exact"] + 1e-5  # coarsening never adds KL
+    full = L.loss_approximation(normed, W_U, k=199, vocab_sample=None)
+    assert full["bucket"] == pytest.approx(full["exact"], rel=1e-3) and full["sampled"] == full["bucket"]

@@ -374,6 +374,64 @@ def _ce_sum(logits, ids):
     return _ce(logits[:, :-1].log_softmax(-1), ids[1:]).sum(-1)
 
 
+# --- heavy tails: excess kurtosis of the residual coordinates ------------------------------------
+def _kurtosis_cases() -> list[Case]:
+    g = _gen(61)
+    massive = torch.randn(3, 4, 16, generator=g) + 0.5
+    massive[1:, :, 3] = 60.0  # one massive coordinate from "layer" 1 on, as in SmolLM2
+    chi2 = torch.randn(2, 5, 32, 3, generator=g).pow(2).sum(-1)  # Student t with 3 dof: z / sqrt(chi2 / 3)
+    student = torch.randn(2, 5, 32, generator=g) / (chi2 / 3).sqrt() + 1.0
+    return [
+        Case("3 layers x 4 tokens, d=16, a massive coordinate from layer 1 on", (massive,)),
+        Case("Gaussian coordinates with mean 2, d=24", (torch.randn(2, 6, 24, generator=g) + 2.0,)),
+        Case("heavy-tailed (Student t, 3 dof) coordinates, d=32", (student,)),
+    ]
+
+
+@exercise("lens.excess_kurtosis", title="Heavy tails: excess kurtosis of each residual's coordinates",
+          cases=_kurtosis_cases, rtol=1e-3, atol=1e-3,
+          hint="Over the LAST axis (the d coordinates of one vector): c = h - h.mean(-1, keepdim=True), "
+               "m2 = (c**2).mean(-1), m4 = (c**4).mean(-1), and return m4 / m2**2 - 3 (population moments: "
+               "divide by d, not d-1).")
+def excess_kurtosis(residuals: torch.Tensor) -> torch.Tensor:
+    """residuals: [..., d] -> [...]: E[(h - mean)^4] / Var^2 - 3 over each vector's d coordinates."""
+    return L.excess_kurtosis(residuals)
+
+
+@mistake("lens.excess_kurtosis", "plain kurtosis: 3 not subtracted",
+         "EXCESS kurtosis subtracts the Gaussian's value 3, so that Gaussian coordinates score about 0.")
+def _kurtosis_not_excess(residuals):
+    c = residuals - residuals.mean(-1, keepdim=True)
+    return c.pow(4).mean(-1) / c.pow(2).mean(-1).pow(2)
+
+
+@mistake("lens.excess_kurtosis", "coordinates not centred",
+         "Subtract each vector's mean over its coordinates first: kurtosis uses CENTRAL moments.")
+def _kurtosis_not_centred(residuals):
+    return residuals.pow(4).mean(-1) / residuals.pow(2).mean(-1).pow(2) - 3
+
+
+@mistake("lens.excess_kurtosis", "divided by the variance instead of its square",
+         "The fourth moment is compared with the SQUARED variance: m4 / m2**2, which is scale-free.")
+def _kurtosis_var_not_squared(residuals):
+    c = residuals - residuals.mean(-1, keepdim=True)
+    return c.pow(4).mean(-1) / c.pow(2).mean(-1) - 3
+
+
+@mistake("lens.excess_kurtosis", "unbiased (d-1) variance",
+         "Use population moments, both divided by d: torch.var's default divides by d-1 and shifts the value.")
+def _kurtosis_unbiased(residuals):
+    c = residuals - residuals.mean(-1, keepdim=True)
+    return c.pow(4).mean(-1) / residuals.var(-1).pow(2) - 3
+
+
+@mistake("lens.excess_kurtosis", "moments over the tokens instead of the coordinates",
+         "Each vector's own coordinates make the sample: reduce over the last axis (d), not over tokens.")
+def _kurtosis_wrong_axis(residuals):
+    c = residuals - residuals.mean(-2, keepdim=True)
+    return c.pow(4).mean(-2) / c.pow(2).mean(-2).pow(2) - 3
+
+
 # --- 7. the tuned lens's translator -----------------------------------------------------------
 def _translate_cases() -> list[Case]:
     g = _gen(71)

@@ -11,7 +11,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from course_utils.lens import LensStats
 
-__all__ = ["token_strings", "layer_names", "lens_heatmap", "plot_per_layer", "plot_attention",
+__all__ = ["token_strings", "layer_names", "lens_heatmap", "plot_per_layer", "plot_training_curve", "plot_attention",
            "plot_induction_scores", "lens_explorer"]
 
 
@@ -93,6 +93,27 @@ def plot_per_layer(curves: Mapping[str, Sequence[float] | torch.Tensor], *, rock
         ax.set_ylim(bottom=0)
     if title:
         ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_training_curve(losses: Sequence[float] | torch.Tensor, eval_steps: Sequence[int] | torch.Tensor,
+                        eval_kl: Sequence[float] | torch.Tensor, *, title: str = "tuned lens training", ax=None):
+    """The training loss per step (the cached, approximate KL) and the exact held-out mean KL at `eval_steps`."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.4))
+    losses = np.asarray(losses, float)
+    ax.plot(np.arange(1, len(losses) + 1), losses, lw=0.8, alpha=0.6, label="training loss (top-k + tail, sampled)")
+    ax.plot(np.asarray(eval_steps), np.asarray(eval_kl, float), marker="o", label="held-out mean KL (exact)")
+    if len(eval_steps):
+        ax.axvline(0.8 * float(np.asarray(eval_steps)[-1]), ls=":", c="dimgray", lw=1, label="last fifth")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean KL over layers 0..L-1 (nats)")
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return ax
