@@ -346,3 +346,100 @@ def test_viz_functions_draw():
     learning_curves({"a": ([1, 2, 4], [0.1, 0.2, 0.3])}, chance=0.1, threshold=0.2)
     show_erased(torch.rand(3, 3, 8, 8), torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 0]), ["a", "b"])
     plt.close("all")
+
+
+# --------------------------------------------------------------------------------------------
+# Notebook 04's CIFAR-10 experiment module (small synthetic images, an isolated cache)
+# --------------------------------------------------------------------------------------------
+def _images(seed: int = 0, n: int = 240, k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images `[n, 3, 8, 8]` whose brightness depends on the class, and their labels."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % k
+    x = torch.rand(n, 3, 8, 8, generator=g) * 0.6 + 0.15 * y[:, None, None, None]
+    return (x * 255).round().to(torch.uint8), y
+
+
+@pytest.fixture
+def result_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("COURSE_RESULT_CACHE", raising=False)
+    return tmp_path / "cache"
+
+
+def test_fit_leace_streams_images_like_one_fit():
+    from course_utils.erasure_cifar import fit_leace
+    from course_utils.gaussian import pixels
+
+    images, y = _images(20)
+    streamed = fit_leace(images, y, num_classes=3, batch_size=37, progress=False)
+    once = LeaceFitter.fit(pixels(images), y, num_classes=3).eraser
+    torch.testing.assert_close(streamed(pixels(images).double()), once(pixels(images).double()), atol=1e-9, rtol=1e-9)
+    small = fit_leace(images, y, method="orth", resolution=4, num_classes=3, progress=False)
+    assert small.dim == 48 and small.rank == 2
+    assert cross_covariance(small(pixels(images, 4).double()), y).abs().max() < 1e-10
+
+
+def test_fit_quadratic_matches_every_class_moment_with_a_looser_barycenter():
+    from course_utils.erasure_cifar import fit_quadratic
+    from course_utils.gaussian import pixels
+
+    images, y = _images(21, n=600)
+    eraser = fit_quadratic(images, y, resolution=2, num_classes=3, batch_size=101, progress=False)
+    x = pixels(images, 2).double()
+    xe = eraser(x, y)
+    for c in range(3):
+        torch.testing.assert_close(xe[y == c].mean(0), eraser.mean, atol=1e-9, rtol=0)
+        torch.testing.assert_close(torch.cov(xe[y == c].T), eraser.target_cov, atol=1e-9, rtol=1e-7)
+    exact = QuadraticFitter.fit(x, y).eraser  # barycenter to 1e-10: the same target to within ~1e-8
+    torch.testing.assert_close(eraser.target_cov, exact.target_cov, atol=1e-7, rtol=1e-6)
+
+
+def test_to_images_repeats_each_pixel_and_pooling_undoes_it():
+    from course_utils.erasure_cifar import to_images
+    from course_utils.gaussian import pixels
+
+    x = torch.rand(5, 3 * 16 * 16)
+    up = to_images(x)
+    assert up.shape == (5, 3, 32, 32) and torch.equal(up[:, :, 2:4, 6:8], x.reshape(5, 3, 16, 16)[:, :, 1:2, 3:4].expand(5, 3, 2, 2))
+    torch.testing.assert_close(pixels(up, 16), x)
+    with pytest.raises(ValueError, match="3\\*r\\*r"):
+        to_images(torch.rand(2, 100))
+
+
+def test_delay_threshold_is_half_way_and_probe_kinds():
+    from course_utils.erasure_cifar import delay_threshold, probe_accuracy
+
+    assert delay_threshold(0.1, 0.5) == pytest.approx(0.3)
+    x, y = _data(22, n=300, d=4, k=2, dtype=torch.float32)
+    assert probe_accuracy("linear", x, y, x, y) == linear_probe(x, y, x, y)
+    with pytest.raises(ValueError, match="linear"):
+        probe_accuracy("svm", x, y, x, y)
+
+
+def test_settings_per_tier(monkeypatch):
+    from course_utils import erasure_cifar
+    from course_utils.config import Config
+
+    sizes = {}
+    for tier in ("ci", "laptop", "full"):
+        monkeypatch.setattr(erasure_cifar, "CFG", Config(requested_mode=tier))
+        sizes[tier] = erasure_cifar.settings()
+    assert sizes["ci"].n_train == 10_000 and sizes["ci"].resolution == 8
+    assert sizes["laptop"].n_train is None and sizes["laptop"].n_test is None  # all of CIFAR-10
+    assert sizes["laptop"].resolution == 16 and sizes["laptop"].n_curve == 2_000
+
+
+def test_erasers_go_through_the_cache_and_the_recipe_is_registered(result_cache):
+    from course_utils import cache
+    from course_utils.erasure_cifar import fit_erasers, fit_quadratic_eraser
+
+    images, y = _images(23, n=600, k=10)  # the notebook's ten classes
+    leace, orth = fit_erasers(images, y, resolution=4)
+    assert isinstance(leace, LeaceEraser) and leace.rank == orth.rank == 9
+    again = fit_erasers(images, y, resolution=4)[0]
+    assert torch.equal(again.proj_left, leace.proj_left) and again.bias is not None
+    quad = fit_quadratic_eraser(images, y, 2)
+    assert torch.equal(fit_quadratic_eraser(images, y, 2).ot_maps, quad.ot_maps)
+    names = {e.name for e in cache.entries()}
+    assert {"erasure_leace", "erasure_orth", "erasure_quadratic"} <= names
+    assert "04_concept_erasure" in [r.name for r in cache.recipes()]
