@@ -53,3 +53,16 @@ def test_claims_made_keeps_every_claim_in_order() -> None:
     assert [c.statement for c in made if not c.holds] == ["second"]
     made.clear()  # a copy: the record is untouched
     assert len(claims_made()) == 2
+
+
+def test_a_claim_known_not_to_reproduce_in_this_tier_says_so(capsys, monkeypatch):
+    from course_utils import claims
+    from course_utils.config import Config
+
+    monkeypatch.setattr(claims, "CFG", Config(requested_mode="laptop"))
+    assert claims.claim("it falls", False, not_reproduced_in=("laptop",), step=64) is False
+    assert claims.claim("it rises", True, not_reproduced_in=("laptop",)) is True
+    assert claims.claim("it holds", False, not_reproduced_in=("ci",)) is False
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["claim (not reproduced in the laptop tier, see the text): it falls: False (step=64)",
+                   "claim: it rises: True", "claim: it holds: False"]
