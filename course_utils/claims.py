@@ -11,8 +11,8 @@ that none of them is False.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from course_utils.config import CFG

@@ -40,8 +40,9 @@ Also here:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +149,8 @@ def toy_data(n: int = 500, seed: int = 0) -> tuple[Tensor, Tensor]:
     y = (torch.arange(n) % 5 >= 3).long()
     cov_half = torch.tensor([[1.0, 0.7], [0.7, 1.0]], dtype=torch.float64)
     means = torch.tensor([[-0.8, 0.0], [0.8, 0.0]], dtype=torch.float64)
-    x = torch.randn(n, 2, generator=g, dtype=torch.float64) @ cov_half + means[y] + torch.tensor([1.0, 0.5], dtype=torch.float64)
+    offset = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    x = torch.randn(n, 2, generator=g, dtype=torch.float64) @ cov_half + means[y] + offset
     return x, y
 
 
@@ -170,7 +172,7 @@ class LeaceEraser:
     bias: Tensor | None
 
     @classmethod
-    def fit(cls, x: Tensor, z: Tensor, **kwargs) -> "LeaceEraser":
+    def fit(cls, x: Tensor, z: Tensor, **kwargs) -> LeaceEraser:
         """Fit on `x` `[n, d]` and `z` (class ids `[n]` or one-hot `[n, k]`) in one go."""
         return LeaceFitter.fit(x, z, **kwargs).eraser
 
@@ -189,7 +191,7 @@ class LeaceEraser:
         eye = torch.eye(self.dim, device=self.proj_left.device, dtype=self.proj_left.dtype)
         return eye - self.proj_left @ self.proj_right
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "LeaceEraser":
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LeaceEraser:
         """The same eraser with its tensors moved / cast."""
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
         return LeaceEraser(move(self.proj_left), move(self.proj_right), move(self.bias))
@@ -258,14 +260,14 @@ class LeaceFitter:
         self._eraser: LeaceEraser | None = None
 
     @classmethod
-    def fit(cls, x: Tensor, z: Tensor, num_classes: int | None = None, **kwargs) -> "LeaceFitter":
+    def fit(cls, x: Tensor, z: Tensor, num_classes: int | None = None, **kwargs) -> LeaceFitter:
         """A fitter updated once with `x` `[n, d]` (or `[n, *shape]`) and `z` (ids `[n]` or one-hot)."""
         z = one_hot(z, num_classes)
         kwargs.setdefault("device", x.device)
         return cls(x[0].numel(), z.shape[1], **kwargs).update(x, z)
 
     @torch.no_grad()
-    def update(self, x: Tensor, z: Tensor) -> "LeaceFitter":
+    def update(self, x: Tensor, z: Tensor) -> LeaceFitter:
         """Add a batch: `x` `[n, d]` (or `[n, *shape]`, flattened; uint8 images read as 0..1),
         `z` class ids `[n]` or one-hot / real-valued `[n, k]`. Welford's update, in float64."""
         if x.dtype == torch.uint8:
@@ -422,14 +424,14 @@ class QuadraticFitter:
         self._eraser: QuadraticEraser | None = None
 
     @classmethod
-    def fit(cls, x: Tensor, z: Tensor, num_classes: int | None = None, **kwargs) -> "QuadraticFitter":
+    def fit(cls, x: Tensor, z: Tensor, num_classes: int | None = None, **kwargs) -> QuadraticFitter:
         """A fitter updated once with `x` `[n, d]` (or `[n, *shape]`) and class ids `z` `[n]`."""
         k = num_classes if num_classes is not None else int(z.max()) + 1
         kwargs.setdefault("device", x.device)
         return cls(x[0].numel(), k, **kwargs).update(x, z)
 
     @torch.no_grad()
-    def update(self, x: Tensor, z: Tensor) -> "QuadraticFitter":
+    def update(self, x: Tensor, z: Tensor) -> QuadraticFitter:
         """Add a batch: `x` `[n, d]` (or `[n, *shape]`; uint8 images read as 0..1), `z` class ids `[n]`."""
         if x.dtype == torch.uint8:
             x = x.float() / 255.0

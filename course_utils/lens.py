@@ -550,7 +550,7 @@ class TunedLens(nn.Module):
         return {name: getattr(self, name).detach().cpu().clone() for name in ("weight", "bias_unit", "scale")}
 
     @classmethod
-    def from_state(cls, model: nn.Module | LMParts, state: dict[str, torch.Tensor]) -> "TunedLens":
+    def from_state(cls, model: nn.Module | LMParts, state: dict[str, torch.Tensor]) -> TunedLens:
         """A TunedLens for `model` holding `state` (from `state()` or `fit_tuned_lens`)."""
         lens = cls(model)
         if tuple(state["weight"].shape) != tuple(lens.weight.shape):
@@ -570,7 +570,7 @@ class TunedLens(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path, model: nn.Module | LMParts) -> "TunedLens":
+    def load(cls, path: str | Path, model: nn.Module | LMParts) -> TunedLens:
         """A TunedLens for `model` with the translators saved at `path`."""
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
         lens = cls(model)
@@ -670,8 +670,8 @@ def loss_approximation(normed: torch.Tensor, W_U: torch.Tensor, *, k: int, vocab
     gen = torch.Generator().manual_seed(seed)
     for name, m in (("bucket", None), ("sampled", vocab_sample)):
         rows, col, log_w = _sampled_rows(top_ids, W_U.shape[0], m, gen)
-        per_layer = [_training_kl((normed[l] @ W_U[rows].T).float(), col, log_w, top_logp, tail_logp).mean()
-                     for l in range(normed.shape[0] - 1)]
+        per_layer = [_training_kl((normed[layer] @ W_U[rows].T).float(), col, log_w, top_logp, tail_logp).mean()
+                     for layer in range(normed.shape[0] - 1)]
         out[name] = float(torch.stack(per_layer).mean())
     return out
 
@@ -777,7 +777,8 @@ def attention_patterns(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     impl = getattr(model.config, "_attn_implementation", "eager")
     if impl != "eager":
         raise ValueError(f"attention weights need eager attention, but this model uses {impl!r}; load it "
-                         "with attn_implementation='eager' (load_lm does) or call model.set_attn_implementation('eager')")
+                         "with attn_implementation='eager' (load_lm does) or call "
+                         "model.set_attn_implementation('eager')")
     out = model(ids, output_attentions=True)
     if not out.attentions or out.attentions[0] is None:
         raise RuntimeError("the model returned no attention weights; load it with attn_implementation='eager'")

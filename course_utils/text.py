@@ -62,7 +62,7 @@ def load_wikitext(split: str = "test") -> str:
     return clean_wikitext(path(WIKITEXT_SPLITS[split]).read_text(encoding="utf-8"))
 
 
-def tokenize(tokenizer: "PreTrainedTokenizerBase", text: str, *, max_tokens: int | None = None) -> torch.Tensor:
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str, *, max_tokens: int | None = None) -> torch.Tensor:
     """Token ids `[n]` of `text`, paragraph by paragraph (each line starts a new word), up to `max_tokens`.
 
     No special tokens are added. Stops reading early once `max_tokens` is reached, so a few
@@ -81,7 +81,7 @@ def tokenize(tokenizer: "PreTrainedTokenizerBase", text: str, *, max_tokens: int
 
 
 def token_windows(
-    tokenizer: "PreTrainedTokenizerBase",
+    tokenizer: PreTrainedTokenizerBase,
     text: str,
     *,
     seq_len: int = 128,

@@ -4,8 +4,9 @@ The laptop tier is what `make lab` gives a learner without a GPU, and the tier w
 show each paper's claim. Each notebook states those claims with `course_utils.claims.claim`, one
 line each: `claim: <statement>: True (figures)`. Here a notebook passes when it runs without an
 error and every claim it prints holds, except those its text says this tier does not reproduce
-(`claim (not reproduced in the laptop tier, see the text): ...`, from `claim(..., not_reproduced_in=)`). The run times are written to
-`artifacts/laptop-tier-times.json` (a record, not a timed assertion: the machine is shared).
+(`claim (not reproduced in the laptop tier, see the text): ...`, from `claim(..., not_reproduced_in=)`).
+The run times are written to `artifacts/laptop-tier-times.json` (a record, not a timed assertion:
+the machine is shared).
 """
 from __future__ import annotations
 

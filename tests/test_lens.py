@@ -177,10 +177,12 @@ def test_lens_stats_dispatches_through_the_kernels_rule(monkeypatch):
 def test_small_helpers():
     logits = torch.tensor([[0.0, 2.0, 1.0], [3.0, 2.0, 1.0]])
     assert L.target_rank(logits, 2).tolist() == [1, 2]
-    assert [L.rank_bucket(r) for r in (0, 1, 9, 10, 188, 12446)] == ["top-1", "2-10", "2-10", "11-100", "101-1000", "10001-100000"]
+    assert [L.rank_bucket(r) for r in (0, 1, 9, 10, 188, 12446)] == [
+        "top-1", "2-10", "2-10", "11-100", "101-1000", "10001-100000"]
     rock = L.unigram_logprobs(torch.tensor([0, 0, 1]), 3, alpha=0.0)
     assert rock.exp().sum().item() == pytest.approx(1.0)
-    assert L.rock_cross_entropy(rock, torch.tensor([0, 1])) == pytest.approx(-(2 / 3 * 0 + 0.5 * (torch.tensor(2 / 3).log() + torch.tensor(1 / 3).log())).item(), rel=1e-5)
+    want = -(0.5 * (torch.tensor(2 / 3).log() + torch.tensor(1 / 3).log())).item()
+    assert L.rock_cross_entropy(rock, torch.tensor([0, 1])) == pytest.approx(want, rel=1e-5)
     ce = L.cross_entropy_per_layer(torch.zeros(2, 4, 5), torch.tensor([0, 1, 2, 3]))
     torch.testing.assert_close(ce, torch.full((2,), float(torch.tensor(5.0).log())))
 

@@ -6,7 +6,7 @@ small (a check takes milliseconds).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

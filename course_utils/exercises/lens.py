@@ -217,7 +217,8 @@ def _top_no_softmax(logits, k):
 
 
 @mistake("lens.top_tokens", "softmax over the wrong axis",
-         "Normalise over the vocabulary, the LAST axis: softmax(dim=-1). Over dim 0 you compare layers with each other.")
+         "Normalise over the vocabulary, the LAST axis: softmax(dim=-1). "
+         "Over dim 0 you compare layers with each other.")
 def _top_wrong_axis(logits, k):
     return tuple(logits.softmax(0).topk(k, -1))
 
@@ -331,8 +332,10 @@ def _rank_float(logits, target):
 def _ce_cases() -> list[Case]:
     g = _gen(61)
     return [
-        Case("3 layers, 6 positions, 15 tokens", (torch.randn(3, 6, 15, generator=g), torch.randint(0, 15, (6,), generator=g))),
-        Case("sharp logits, 40 tokens", (4 * torch.randn(2, 9, 40, generator=g), torch.randint(0, 40, (9,), generator=g))),
+        Case("3 layers, 6 positions, 15 tokens",
+             (torch.randn(3, 6, 15, generator=g), torch.randint(0, 15, (6,), generator=g))),
+        Case("sharp logits, 40 tokens",
+             (4 * torch.randn(2, 9, 40, generator=g), torch.randint(0, 40, (9,), generator=g))),
         Case("two positions: one prediction", (torch.randn(4, 2, 5, generator=g), torch.tensor([3, 1]))),
     ]
 

@@ -1,7 +1,7 @@
 """Pictures for 04_concept_erasure: 2-D erasure scatter plots, probe bar charts, learning curves."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -112,8 +112,9 @@ def show_erased(images, erased, labels=None, classes: Sequence[str] | None = Non
             axes[0, i].set_title(classes[int(labels[i])], fontsize=8)
         for ax in axes[:, i]:
             ax.axis("off")
-    axes[0, 0].text(-0.1, 0.5, "original", transform=axes[0, 0].transAxes, rotation=90, va="center", ha="right", fontsize=8)
-    axes[1, 0].text(-0.1, 0.5, "erased", transform=axes[1, 0].transAxes, rotation=90, va="center", ha="right", fontsize=8)
+    for row, label in enumerate(("original", "erased")):
+        axes[row, 0].text(-0.1, 0.5, label, transform=axes[row, 0].transAxes, rotation=90, va="center", ha="right",
+                          fontsize=8)
     fig.tight_layout()
     return fig
 

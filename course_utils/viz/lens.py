@@ -1,7 +1,8 @@
 """Pictures for notebook 02: the logit-lens table, per-layer curves, attention patterns, and an explorer."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ __all__ = ["token_strings", "layer_names", "lens_heatmap", "plot_per_layer", "pl
            "plot_induction_scores", "lens_explorer"]
 
 
-def token_strings(tokenizer: "PreTrainedTokenizerBase", ids: Sequence[int] | torch.Tensor) -> list[str]:
+def token_strings(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int] | torch.Tensor) -> list[str]:
     """Each token id as readable text (`" Paris"`), newlines shown as `\\n`, pure whitespace as `␣`."""
     ids = ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else list(ids)
     words = [tokenizer.decode([i]).replace("\n", "\\n") for i in ids]
@@ -151,7 +152,7 @@ def plot_induction_scores(scores: torch.Tensor, *, ax=None):
     return ax
 
 
-def _explorer_table(stats: "LensStats", layer: int, tokens: list[str], tokenizer, k: int) -> str:
+def _explorer_table(stats: LensStats, layer: int, tokens: list[str], tokenizer, k: int) -> str:
     import html
 
     ids, probs = stats.topk_ids[layer], stats.topk_probs[layer]
@@ -167,7 +168,7 @@ def _explorer_table(stats: "LensStats", layer: int, tokens: list[str], tokenizer
             + "".join(rows) + "</table>")
 
 
-def lens_explorer(model, tokenizer: "PreTrainedTokenizerBase", *, lens=None,
+def lens_explorer(model, tokenizer: PreTrainedTokenizerBase, *, lens=None,
                   prompt: str = "The Eiffel Tower is located in the city of", k: int = 5):
     """An ipywidgets explorer: type a prompt, slide through the layers, see each position's top-k tokens.
 
