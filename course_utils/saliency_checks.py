@@ -188,7 +188,9 @@ def data_randomization_maps(true_net: nn.Module, perm_net: nn.Module, images: to
 def precompute_01() -> None:
     """Fill the cache with notebook 01's results for the current tier: the cascade, the curves, both networks."""
     from course_utils.cifar import load_cifar10
+    from course_utils.config import seed_everything
 
+    seed_everything()  # as the notebook's first cell: the thread count is part of the training's cache key
     b = budget()
     model_randomization(b["photos"], b["granularity"])
     faithfulness(b["photos"], b["fractions"])

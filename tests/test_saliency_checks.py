@@ -46,3 +46,9 @@ def test_model_randomization_on_the_cat_and_dog_photo_is_cached(tmp_path, monkey
     assert len(cache.entries(name="gradcam_model_randomization")) == 1
     again = SC.model_randomization(["both"], "coarse", progress=False)  # loaded from the cache
     torch.testing.assert_close(again["rho_gb"], out["rho_gb"], equal_nan=True)
+
+
+def test_the_notebook_s_precompute_recipe_is_registered():
+    from course_utils import cache
+
+    assert any(r.name == "01_gradcam" and r.function is SC.precompute_01 for r in cache.recipes())
