@@ -23,7 +23,8 @@ fires twice per forward pass; a library that keeps the first call silently expla
 the layer Grad-CAM wants is one module called once.
 
 Sanity checks and faithfulness: `spearman`, `cascading_randomization`, `efficientnet_stages`,
-`sobel`, `guided_backprop`, `input_gradient`, `delete_most_salient`, `deletion_curve`.
+`sobel`, `guided_backprop`, `input_gradient`, `delete_most_salient`, `deletion_curve`,
+`insert_most_salient`, `insertion_curve`.
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ __all__ = [
     "gradcam",
     "guided_backprop",
     "input_gradient",
+    "insert_most_salient",
+    "insertion_curve",
     "normalise",
     "permute_labels",
     "random_saliency",
@@ -519,18 +522,43 @@ class _GuidedReLU(torch.autograd.Function):
         return grad.clamp_min(0) * ((x > 0) & (x < ctx.upper)), None
 
 
+class _GuidedGELU(torch.autograd.Function):
+    """GELU forward; backward `GELU'(x) * max(grad, 0)`: the guided rule for a smooth activation
+    (the local derivative, as for ReLU its mask, times only the positive incoming gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, approximate: str) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.approximate = approximate
+        return F.gelu(x, approximate=approximate)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x, = ctx.saved_tensors
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            slope, = torch.autograd.grad(F.gelu(xg, approximate=ctx.approximate).sum(), xg)
+        return grad.clamp_min(0) * slope, None
+
+
+def _guided_forward(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    if isinstance(m, nn.GELU):
+        return lambda x: _GuidedGELU.apply(x, m.approximate)
+    upper = 6.0 if isinstance(m, nn.ReLU6) else float("inf")
+    return lambda x: _GuidedReLU.apply(x, upper)
+
+
 @contextmanager
 def _guided(model: nn.Module) -> Iterator[None]:
-    relus = [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
-    if not relus:
-        raise ValueError("guided backprop needs ReLU / ReLU6 modules; this model has none (GELU, swish ...)")
-    for m in relus:
-        upper = 6.0 if isinstance(m, nn.ReLU6) else float("inf")
-        m.forward = lambda x, upper=upper: _GuidedReLU.apply(x, upper)  # instance attribute shadows the method
+    acts = [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.ReLU6, nn.GELU))]
+    if not acts:
+        raise ValueError("guided backprop needs ReLU / ReLU6 / GELU modules; this model has none (swish ...)")
+    for m in acts:
+        m.forward = _guided_forward(m)  # instance attribute shadows the method
     try:
         yield
     finally:
-        for m in relus:
+        for m in acts:
             del m.forward
 
 
@@ -552,28 +580,49 @@ def guided_backprop(model: nn.Module, x: torch.Tensor, target: Target = None) ->
     also zeroing negative gradients. `x: [B, 3, H, W]` -> `max_c |g|`, `[B, H, W]` in [0, 1].
 
     The ReLU / ReLU6 modules are patched for the call and restored afterwards. Reused activation
-    modules (EfficientNet's `_swish`) are covered: patching the module covers every call.
+    modules (EfficientNet's `_swish`) are covered: patching the module covers every call. GELU
+    modules (the course's CIFAR net) get the same rule: their derivative times the positive part
+    of the incoming gradient.
     """
     with _guided(model):
         return _input_saliency(model, x, target)
 
 
 # --------------------------------------------------------------------------------------------
-# Faithfulness: the deletion curve
+# Faithfulness: the deletion and insertion curves
 # --------------------------------------------------------------------------------------------
+def _top_k_mask(saliency: torch.Tensor, k: int) -> torch.Tensor:
+    """True at each map's `k` most salient pixels (ties by position, a stable sort): `[B, H, W]` -> bool `[B, 1, H, W]`."""
+    b, h, w = saliency.shape
+    order = saliency.reshape(b, -1).argsort(dim=-1, descending=True, stable=True)
+    top = torch.zeros(b, h * w, dtype=torch.bool, device=saliency.device)
+    top.scatter_(1, order[:, :k], True)
+    return top.reshape(b, 1, h, w)
+
+
+def _check_saliency(x: torch.Tensor, saliency: torch.Tensor) -> None:
+    b, _, h, w = x.shape
+    if saliency.shape != (b, h, w):
+        raise ValueError(f"saliency must be [B, H, W] = {[b, h, w]}, got {list(saliency.shape)}")
+
+
 def delete_most_salient(x: torch.Tensor, saliency: torch.Tensor, k: int, baseline: float = 0.0) -> torch.Tensor:
     """Replace each image's `k` most salient pixels (all channels) by `baseline`.
 
     `x: [B, C, H, W]`, `saliency: [B, H, W]` -> `[B, C, H, W]` (a new tensor). Ties are broken
     by position (a stable sort), so the result is deterministic.
     """
-    b, c, h, w = x.shape
-    if saliency.shape != (b, h, w):
-        raise ValueError(f"saliency must be [B, H, W] = {[b, h, w]}, got {list(saliency.shape)}")
-    order = saliency.reshape(b, -1).argsort(dim=-1, descending=True, stable=True)
-    keep = torch.ones(b, h * w, dtype=torch.bool, device=x.device)
-    keep.scatter_(1, order[:, :k], False)
-    return torch.where(keep.reshape(b, 1, h, w), x, torch.full_like(x, baseline))
+    _check_saliency(x, saliency)
+    return torch.where(_top_k_mask(saliency, k), torch.full_like(x, baseline), x)
+
+
+def insert_most_salient(x: torch.Tensor, saliency: torch.Tensor, k: int, baseline: float = 0.0) -> torch.Tensor:
+    """The opposite of `delete_most_salient`: a `baseline` image with only the `k` most salient pixels of `x`.
+
+    `x: [B, C, H, W]`, `saliency: [B, H, W]` -> `[B, C, H, W]` (a new tensor); ties by position.
+    """
+    _check_saliency(x, saliency)
+    return torch.where(_top_k_mask(saliency, k), x, torch.full_like(x, baseline))
 
 
 def auc(fractions: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -583,14 +632,48 @@ def auc(fractions: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class DeletionCurve:
-    """`scores [B, F]`: the target's probability after deleting `fractions [F]` of the pixels; `auc [B]`."""
+    """`scores [B, F]`: the target's probability after deleting (or, for an insertion curve,
+    inserting) `fractions [F]` of the pixels; `auc [B]`."""
 
     fractions: torch.Tensor
     scores: torch.Tensor
     auc: torch.Tensor
 
 
+def _fractions(steps: int, fractions: Sequence[float] | None) -> torch.Tensor:
+    out = torch.linspace(0, 1, steps + 1) if fractions is None else torch.as_tensor(fractions, dtype=torch.float32)
+    if out.dim() != 1 or (out.diff() <= 0).any() or out.min() < 0 or out.max() > 1:
+        raise ValueError(f"fractions must increase strictly within [0, 1], got {out.tolist()}")
+    return out
+
+
+def _curve_classes(model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor:
+    """The class each curve follows: `target` per image, or each intact image's top class. `[B]`."""
+    if callable(target) and not isinstance(target, torch.Tensor):
+        raise ValueError("deletion and insertion curves need class targets (an int, a name, one per image or None), "
+                         "not a callable")
+    logits = torch.cat([model(x[i:i + 1]) for i in range(len(x))])  # the intact images, one at a time
+    return target_scores(logits, target)[1].cpu()
+
+
 @torch.no_grad()
+def _perturbation_curve(model: nn.Module, x: torch.Tensor, saliency: torch.Tensor, target: Target, steps: int,
+                        fractions: Sequence[float] | None, baseline: float, progress: bool,
+                        perturb: Callable[..., torch.Tensor], desc: str) -> DeletionCurve:
+    _check_saliency(x, saliency)
+    b, _, h, w = x.shape
+    fractions = _fractions(steps, fractions)
+    classes = _curve_classes(model, x, target)
+    jitter = torch.rand(b, h, w, generator=torch.Generator().manual_seed(0)) * 1e-6  # below any real difference
+    sal = saliency.detach().cpu().double() + jitter.double()
+    scores = torch.zeros(b, len(fractions))
+    for i in tqdm(range(b), desc=desc, disable=not progress or b == 1):
+        batch = torch.cat([perturb(x[i:i + 1], sal[i:i + 1].to(x.device), int(round(f * h * w)), baseline)
+                           for f in fractions.tolist()])
+        scores[i] = model(batch).softmax(-1)[:, int(classes[i])].cpu()
+    return DeletionCurve(fractions, scores, auc(fractions, scores))
+
+
 def deletion_curve(model: nn.Module, x: torch.Tensor, saliency: torch.Tensor, target: Target = None, *,
                    steps: int = 10, fractions: Sequence[float] | None = None, baseline: float = 0.0,
                    progress: bool = True) -> DeletionCurve:
@@ -603,25 +686,22 @@ def deletion_curve(model: nn.Module, x: torch.Tensor, saliency: torch.Tensor, ta
     the model needs. `baseline` is the value of a deleted pixel (0 = mid-grey for TF-Lite inputs). Ties in
     `saliency` are broken at random (seeded) so that flat regions are not deleted top-left first.
     """
-    b, _, h, w = x.shape
-    if saliency.shape != (b, h, w):
-        raise ValueError(f"saliency must be [B, H, W] = {[b, h, w]}, got {list(saliency.shape)}")
-    if callable(target) and not isinstance(target, torch.Tensor):
-        raise ValueError("deletion_curve needs class targets (an int, a name, one per image or None), not a callable")
-    per_image = isinstance(target, (torch.Tensor, list, tuple)) and torch.as_tensor(target).numel() > 1
-    fractions = torch.linspace(0, 1, steps + 1) if fractions is None else torch.as_tensor(fractions, dtype=torch.float32)
-    if fractions.dim() != 1 or (fractions.diff() <= 0).any() or fractions.min() < 0 or fractions.max() > 1:
-        raise ValueError(f"fractions must increase strictly within [0, 1], got {fractions.tolist()}")
-    jitter = torch.rand(b, h, w, generator=torch.Generator().manual_seed(0)) * 1e-6  # below any real difference
-    sal = saliency.detach().cpu().double() + jitter.double()
-    scores = torch.zeros(b, len(fractions))
-    for i in tqdm(range(b), desc="deletion", disable=not progress or b == 1):
-        batch = torch.cat([delete_most_salient(x[i:i + 1], sal[i:i + 1].to(x.device), int(round(f * h * w)), baseline)
-                           for f in fractions.tolist()])
-        logits = model(batch)  # row 0 is the intact image (fraction 0)
-        _, cls = target_scores(logits[:1], torch.as_tensor(target).reshape(-1)[i:i + 1] if per_image else target)
-        scores[i] = logits.softmax(-1)[:, int(cls[0])].cpu()
-    return DeletionCurve(fractions, scores, auc(fractions, scores))
+    return _perturbation_curve(model, x, saliency, target, steps, fractions, baseline, progress,
+                               delete_most_salient, "deletion")
+
+
+def insertion_curve(model: nn.Module, x: torch.Tensor, saliency: torch.Tensor, target: Target = None, *,
+                    steps: int = 10, fractions: Sequence[float] | None = None, baseline: float = 0.0,
+                    progress: bool = True) -> DeletionCurve:
+    """Petsiuk et al.'s insertion metric: start from a `baseline` image, put the most salient pixels back
+    first and watch the class probability rise. Higher area = the saliency found the pixels the model needs.
+
+    Arguments as `deletion_curve` (the class followed is the intact image's, for `target=None`).
+    Petsiuk et al. start from a blurred image; a flat `baseline` (0 = mid-grey for TF-Lite inputs)
+    keeps the two curves symmetric.
+    """
+    return _perturbation_curve(model, x, saliency, target, steps, fractions, baseline, progress,
+                               insert_most_salient, "insertion")
 
 
 def permute_labels(labels: torch.Tensor, seed: int) -> torch.Tensor:

@@ -296,6 +296,40 @@ def test_deletion_curve(cifar_net):
     torch.testing.assert_close(curve.auc, torch.trapezoid(curve.scores, curve.fractions, dim=-1))
 
 
+def test_insertion_is_the_complement_of_deletion(cifar_net):
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    sal = torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(6))
+    deleted, inserted = G.delete_most_salient(x, sal, 100, baseline=-3.0), G.insert_most_salient(x, sal, 100, -3.0)
+    torch.testing.assert_close(deleted + inserted, x - 3.0)  # every pixel is in exactly one of the two
+    assert ((inserted != -3.0).any(1).flatten(1).sum(1) == 100).all()
+    curve = G.insertion_curve(cifar_net, x, sal, steps=4, baseline=0.0, progress=False)
+    with torch.no_grad():
+        intact = cifar_net(x).softmax(-1)
+        blank = cifar_net(torch.zeros_like(x)).softmax(-1)
+    cls = intact.argmax(-1)  # target=None follows the INTACT image's class, also at fraction 0
+    torch.testing.assert_close(curve.scores[:, -1], intact.gather(1, cls[:, None])[:, 0])
+    torch.testing.assert_close(curve.scores[:, 0], blank.gather(1, cls[:, None])[:, 0])
+    with pytest.raises(ValueError, match="saliency must be"):
+        G.insert_most_salient(x, sal[:1], 3)
+
+
+def test_guided_backprop_through_gelu_matches_the_closed_form():
+    torch.manual_seed(0)
+    conv, lin = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Linear(4 * 8 * 8, 5)
+    net = torch.nn.Sequential(conv, torch.nn.GELU(), torch.nn.Flatten(), lin).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gb = G.guided_backprop(net, x, 3)
+    # by hand: dy/da = W_3 (the linear layer's row), guided: max(dy/da, 0) * GELU'(z), then through the conv
+    xr = x.clone().requires_grad_(True)
+    z = conv(xr)
+    slope = 0.5 * (1 + torch.erf(z / 2 ** 0.5)) + z * torch.exp(-z ** 2 / 2) / (2 * torch.pi) ** 0.5
+    upstream = lin.weight[3].reshape(1, 4, 8, 8).clamp_min(0) * slope
+    grad, = torch.autograd.grad(z, xr, grad_outputs=upstream.detach())
+    torch.testing.assert_close(gb, G.normalise(grad.abs().amax(1)))
+    assert not torch.allclose(gb, G.input_gradient(net, x, 3))  # the guided rule changes the map
+    assert all("forward" not in m.__dict__ for m in net.modules())
+
+
 # --------------------------------------------------------------------------------------------
 # The exercises: every reference passes, every known mistake is caught AND named, stubs are "todo"
 # --------------------------------------------------------------------------------------------

@@ -138,8 +138,10 @@ def plot_randomization(steps: Sequence[str], correlations: Mapping[str, Sequence
     return ax
 
 
-def plot_deletion(curves: Mapping[str, Any], *, ax=None, title: str = "Deletion: most salient pixels first"):
-    """Deletion curves: `{label: DeletionCurve}` -> mean probability against the fraction deleted, AUC in the legend."""
+def plot_deletion(curves: Mapping[str, Any], *, ax=None, title: str = "Deletion: most salient pixels first",
+                  xlabel: str = "fraction of pixels deleted"):
+    """Deletion (or insertion) curves: `{label: DeletionCurve}` -> mean probability against the fraction
+    deleted (inserted), AUC in the legend."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -147,7 +149,7 @@ def plot_deletion(curves: Mapping[str, Any], *, ax=None, title: str = "Deletion:
     for label, curve in curves.items():
         mean = curve.scores.mean(0)
         ax.plot(curve.fractions, mean, marker="o", ms=3, label=f"{label} (AUC {curve.auc.mean():.3f})")
-    ax.set_xlabel("fraction of pixels deleted")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("probability of the class")
     ax.set_title(title)
     ax.grid(alpha=0.3)
