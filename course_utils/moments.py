@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from course_utils.cache import cached, precompute_recipe
 from course_utils.cifar import load_cifar10
-from course_utils.config import CFG
+from course_utils.config import CFG, seed_everything
 from course_utils.gaussian import (
     MATRIX_ROOT_METHODS,
     NEWTON_TOL,
@@ -585,6 +585,7 @@ def _predicted_classes(model: torch.nn.Module, images: torch.Tensor, batch_size:
 def run_experiment(*, progress: bool = True) -> tuple:
     """Notebook 03's whole experiment in the current tier, through the cache, with the same calls as
     the notebook: `(setup, editor, sets, result, sweep)`. The precompute recipe runs it."""
+    seed_everything()  # as the notebook's first cell: the seed, and one thread in the ci tier (part of the key)
     setup = sweep_setup()
     train = load_cifar10("train", n=setup.n_train)
     test = load_cifar10("test", n=setup.n_test)
