@@ -27,6 +27,15 @@ Here, the edits and what surrounds them:
 - `class_moments_reference`, `sqrtm_reference`: plain one-shot PyTorch versions, the ground
   truth that faster kernels can be tested against.
 
+Notebook 03's experiment, every costly part through the result cache (`course_utils.cache`):
+
+- `sweep_setup()`: the sizes per tier (ci, laptop, full); `fit_editor(...)`: the cached editor;
+  `edit_sets(...)`: the OT-edited, mean-shifted and sampled sets with the class that counts as a hit;
+  `edit_sweep(result, sets)`: every checkpoint's prediction for every image of every set
+  (`EditSweep`: `fractions()`, `curve(name)` -> peak, peak step, final; `turned(name, step)`).
+- `run_experiment()`: all of it, as the notebook runs it; the precompute recipe "moment_editing"
+  (`python -m course_utils.cache precompute --tier laptop --module course_utils.moments`).
+
 Images are handled as vectors of pixels in [0, 1]: `pixels(images, resolution)` flattens
 `[N, 3, 32, 32]` into `[N, 3*r*r]`, optionally average-pooled to `r x r` (fast mode works at
 16 x 16 = 768 dimensions, where a full eigendecomposition takes a fraction of a second), and
@@ -41,7 +50,9 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from course_utils.config import CFG
+from course_utils.cache import cached, precompute_recipe
+from course_utils.cifar import load_cifar10
+from course_utils.config import CFG, seed_everything
 from course_utils.gaussian import (
     MATRIX_ROOT_METHODS,
     NEWTON_TOL,
@@ -59,8 +70,21 @@ from course_utils.gaussian import (
     sqrt_inv_sqrt,
     sqrtm_psd,
 )
+from course_utils.train import CifarNet, TrainResult, recipe, train_classifier
 
 __all__ = [
+    "OT",
+    "SAMPLES",
+    "SHIFT",
+    "Curve",
+    "EditSweep",
+    "SweepSetup",
+    "edit_sets",
+    "edit_sweep",
+    "edit_targets",
+    "fit_editor",
+    "run_experiment",
+    "sweep_setup",
     "ClassMoments",
     "ClassQuantiles",
     "GaussianEditor",
@@ -369,3 +393,211 @@ class GaussianEditor:
         imgs = [self.sample(c, per_class, generator, size) for c in range(self.moments.num_classes)]
         labels = torch.arange(self.moments.num_classes).repeat_interleave(per_class)
         return torch.cat(imgs).cpu(), labels
+
+
+# --------------------------------------------------------------------------------------------
+# The experiment of notebook 03: sizes per tier, the cached editor, the edited sets, the sweep
+# --------------------------------------------------------------------------------------------
+OT, SHIFT, SAMPLES = "Gaussian OT edit → target", "mean shift → target", "N(μ_c, Σ_c) samples → c"
+
+
+@dataclass(frozen=True)
+class SweepSetup:
+    """The sizes of notebook 03's experiment in one tier (`sweep_setup()`).
+
+    - `resolution`: side of the pixel grid the statistics live on (`d = 3 r^2`)
+    - `n_train` / `n_test`: training images (None: all 50,000) / test images edited (None: all 10,000)
+    - `epochs`: training epochs (None: the tier's recipe)
+    - `pairs`: the edited `(source, target)` pairs (None: all 90, each test image to a random class)
+    - `per_class`: synthetic samples of each class's Gaussian
+    - `n_clean`: test images whose clean accuracy every checkpoint reports during training
+    """
+
+    resolution: int
+    n_train: int | None
+    n_test: int | None
+    epochs: float | None
+    pairs: tuple[tuple[int, int], ...] | None
+    per_class: int
+    n_clean: int | None
+
+
+def sweep_setup(tier: str | None = None) -> SweepSetup:
+    """Notebook 03's sizes in `tier` (default `CFG.mode`), chosen once from its time budget:
+
+    - ci: the ci recipe's 10,000 training images, 16 x 16 statistics, 1,000 test images;
+    - laptop: all 50,000 training images for 3 epochs (the laptop recipe's widths), 16 x 16
+      statistics, every test image edited; clean accuracy on 2,000 (it is context only);
+    - full: the paper's setting, 32 x 32 statistics, all 90 pairs, the full recipe (a GPU job).
+    Pairs `s -> s - 2` (bird -> airplane) in ci and laptop.
+    """
+    tier = CFG.mode if tier is None else tier
+    two_back = tuple((s, (s - 2) % 10) for s in range(10))
+    n_train = recipe(tier=tier)["n_train"]
+    table = {
+        "ci": SweepSetup(16, n_train, 1000, None, two_back, 100, 1000),
+        "laptop": SweepSetup(16, n_train, None, 3.0, two_back, 500, 2000),
+        "full": SweepSetup(32, n_train, None, None, None, 1000, None),
+    }
+    if tier not in table:
+        raise ValueError(f"tier must be one of {sorted(table)}, got {tier!r}")
+    return table[tier]
+
+
+def fit_editor(images: torch.Tensor, labels: torch.Tensor, *, resolution: int,
+               pairs: Iterable[tuple[int, int]] | None, ridge: float = 1e-3, num_classes: int = 10,
+               progress: bool = True) -> GaussianEditor:
+    """`GaussianEditor.fit(...)` on `images` `[N, 3, 32, 32]` / `labels` `[N]`, through the
+    result cache: the class moments and Monge maps are computed once per machine and tier."""
+    pairs = None if pairs is None else tuple((int(s), int(t)) for s, t in pairs)
+    return cached("moment_editor", _fit_editor, version=1,
+                  args=dict(images=images, labels=labels, resolution=int(resolution), pairs=pairs,
+                            ridge=float(ridge), num_classes=int(num_classes), device=str(CFG.device)),
+                  options=dict(progress=progress))
+
+
+def _fit_editor(images: torch.Tensor, labels: torch.Tensor, *, device: str, progress: bool,
+                **kwargs) -> GaussianEditor:
+    return GaussianEditor.fit(images, labels, device=device, progress=progress, **kwargs)
+
+
+def edit_targets(labels: torch.Tensor, pairs: Iterable[tuple[int, int]] | None, num_classes: int = 10,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each test image's target class `[N]`: its pair's target when `pairs` map every class to
+    one target (bird -> airplane), else (`pairs=None`) a random other class (`random_targets`)."""
+    if pairs is None:
+        return random_targets(labels, num_classes, generator)
+    table = dict((int(s), int(t)) for s, t in pairs)
+    if sorted(table) != list(range(num_classes)):
+        raise ValueError(f"pairs must give one target to each of the {num_classes} classes, got {sorted(table)}")
+    return torch.tensor([table[c] for c in range(num_classes)], device=labels.device)[labels.long()]
+
+
+def edit_sets(editor: GaussianEditor, images: torch.Tensor, labels: torch.Tensor, *,
+              pairs: Iterable[tuple[int, int]] | None, per_class: int, seed: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The three image sets every checkpoint of the sweep sees, each `(images [M, 3, 32, 32] float
+    in [0, 1], the class counted as a hit [M])`:
+
+    - `OT`: `images` moved by the Gaussian OT edit from `labels` to `edit_targets(labels, pairs)`,
+      and those targets;
+    - `SHIFT`: the same images mean-shifted to the same targets;
+    - `SAMPLES`: `per_class` draws of every class's `N(mu_c, Sigma_c)`, and their class.
+
+    One generator seeded with `seed` (default `CFG.seed`) draws the random targets (all pairs) and
+    then the samples, so the sets are the same on every run.
+    """
+    gen = torch.Generator().manual_seed(CFG.seed if seed is None else seed)
+    targets = edit_targets(labels, pairs, editor.moments.num_classes, gen)
+    synth, synth_labels = editor.sample_all(per_class, gen)
+    return {OT: (editor.edit(images, labels, targets), targets),
+            SHIFT: (editor.mean_shift(images, labels, targets), targets),
+            SAMPLES: (synth, synth_labels)}
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One curve of the sweep: its `peak` value, the step of the peak (`peak_step`, the first
+    one on a tie) and its position in the checkpoints (`peak_index`), and the `final` value."""
+
+    peak: float
+    peak_step: int
+    peak_index: int
+    final: float
+
+
+@dataclass(frozen=True, eq=False)
+class EditSweep:
+    """What every checkpoint predicts for every image of every set (from `edit_sweep`).
+
+    - `steps`: the checkpointed training steps `[K]`
+    - `predictions`: set name -> predicted classes, int64 `[K, M]`
+    - `labels`: set name -> the class counted as a hit `[M]`
+    """
+
+    steps: list[int]
+    predictions: dict[str, torch.Tensor]
+    labels: dict[str, torch.Tensor]
+
+    def hits(self, name: str) -> torch.Tensor:
+        """bool `[K, M]`: checkpoint k assigns image m of set `name` to its hit class."""
+        if name not in self.predictions:
+            raise KeyError(f"no set {name!r} in the sweep; it has {list(self.predictions)}")
+        return self.predictions[name] == self.labels[name][None]
+
+    def fractions(self) -> dict[str, list[float]]:
+        """set name -> the fraction of hits at each checkpoint `[K]`."""
+        return {name: self.hits(name).double().mean(1).tolist() for name in self.predictions}
+
+    def curve(self, name: str) -> Curve:
+        """The peak, the step of the peak and the final value of set `name`'s curve."""
+        ys = self.hits(name).double().mean(1)
+        k = int(ys.argmax())
+        return Curve(float(ys[k]), int(self.steps[k]), k, float(ys[-1]))
+
+    def turned(self, name: str, step: int) -> torch.Tensor:
+        """bool `[M]`: images of set `name` that the checkpoint at `step` assigns to their hit
+        class and the final network does not (fooled at `step`, no longer at the end)."""
+        if step not in self.steps:
+            raise KeyError(f"no checkpoint at step {step}; the sweep has {self.steps}")
+        hits = self.hits(name)
+        return hits[self.steps.index(step)] & ~hits[-1]
+
+
+def edit_sweep(result: TrainResult, sets: dict[str, tuple[torch.Tensor, torch.Tensor]], *, batch_size: int = 1000,
+               progress: bool = True) -> EditSweep:
+    """Show the same image sets (`edit_sets`) to every checkpoint of `result` (a
+    `train.TrainResult`), through the result cache. `sets`: name -> `(images [M, 3, 32, 32], hit
+    classes [M])`. Returns an `EditSweep` of every checkpoint's predicted class for every image."""
+    if not result.checkpoints:
+        raise ValueError("the training run kept no checkpoints: train with checkpoints='log'")
+    bad = [k for k, (x, y) in sets.items() if x.ndim != 4 or len(x) != len(y)]
+    if bad:
+        raise ValueError(f"each set must be (images [M, 3, H, W], labels [M]); not so for {bad}")
+    net = dict(num_classes=result.config["num_classes"], widths=tuple(result.config["width"]),
+               bn_momentum=result.config["bn_momentum"])
+    return cached("moment_edit_sweep", _sweep, version=1,
+                  args=dict(states=[c.state_dict for c in result.checkpoints], steps=result.steps_list(),
+                            net=net, sets=dict(sets)),
+                  options=dict(batch_size=batch_size, progress=progress))
+
+
+def _sweep(states: list[dict[str, torch.Tensor]], steps: list[int], net: dict, sets: dict, *,
+           batch_size: int, progress: bool) -> EditSweep:
+    preds: dict[str, list[torch.Tensor]] = {name: [] for name in sets}
+    for state in tqdm(states, desc="checkpoints × edited sets", disable=not progress):
+        model = CifarNet(**net)
+        model.load_state_dict(state)
+        model = model.eval().to(memory_format=torch.channels_last)  # about 1.5x faster on a CPU
+        for name, (x, _) in sets.items():
+            preds[name].append(_predicted_classes(model, x, batch_size))
+    return EditSweep(list(steps), {k: torch.stack(v) for k, v in preds.items()},
+                     {k: y.long().cpu() for k, (_, y) in sets.items()})
+
+
+@torch.inference_mode()
+def _predicted_classes(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """`model`'s argmax class of each of `images` `[M, 3, H, W]` -> int64 `[M]` on the CPU."""
+    out = [model(images[i:i + batch_size].contiguous(memory_format=torch.channels_last)).argmax(1).cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def run_experiment(*, progress: bool = True) -> tuple:
+    """Notebook 03's whole experiment in the current tier, through the cache, with the same calls as
+    the notebook: `(setup, editor, sets, result, sweep)`. The precompute recipe runs it."""
+    seed_everything()  # as the notebook's first cell: the seed, and one thread in the ci tier (part of the key)
+    setup = sweep_setup()
+    train = load_cifar10("train", n=setup.n_train)
+    test = load_cifar10("test", n=setup.n_test)
+    editor = fit_editor(train.images, train.labels, resolution=setup.resolution, pairs=setup.pairs,
+                        progress=progress)
+    sets = edit_sets(editor, test.images, test.labels, pairs=setup.pairs, per_class=setup.per_class)
+    clean = (test.images[:setup.n_clean], test.labels[:setup.n_clean])
+    result = train_classifier(train.images, train.labels, test=clean, epochs=setup.epochs, progress=progress)
+    return setup, editor, sets, result, edit_sweep(result, sets, progress=progress)
+
+
+@precompute_recipe("moment_editing")
+def _precompute() -> None:
+    """Fill the cache with notebook 03's editor, training run and sweep in the current tier."""
+    run_experiment()

@@ -211,3 +211,76 @@ def test_plots_and_slider_smoke() -> None:
     box = edit_slider(make_cifar_net(10, 4), a[0], b[0], [str(i) for i in range(10)], source=1, target=2)
     box.children[0].value = 0.5      # moving the slider redraws without error
     plt.close("all")
+
+
+# --------------------------------------------------------------------------------------------
+# The experiment: tiers, targets, the edited sets, the cached editor and sweep
+# --------------------------------------------------------------------------------------------
+def test_sweep_setup_per_tier() -> None:
+    ci, laptop, full = (M.sweep_setup(t) for t in ("ci", "laptop", "full"))
+    assert (ci.resolution, laptop.resolution, full.resolution) == (16, 16, 32)
+    assert laptop.n_train is None and laptop.n_test is None and full.pairs is None   # all the data
+    assert ci.pairs == laptop.pairs and (2, 0) in ci.pairs                              # bird -> airplane
+    with pytest.raises(ValueError, match="tier"):
+        M.sweep_setup("huge")
+
+
+def test_edit_targets() -> None:
+    y = torch.arange(10).repeat(3)
+    pairs = [(s, (s - 2) % 10) for s in range(10)]
+    assert torch.equal(M.edit_targets(y, pairs), (y - 2) % 10)
+    t = M.edit_targets(y, None, generator=torch.Generator().manual_seed(0))
+    assert (t != y).all()
+    with pytest.raises(ValueError, match="one target"):
+        M.edit_targets(y, [(0, 1)])
+
+
+def _tiny_run(images: torch.Tensor, labels: torch.Tensor):
+    from course_utils.train import train_classifier
+
+    return train_classifier(images, labels, epochs=2, batch_size=16, width=(4, 8, 8), num_classes=3,
+                            device="cpu", progress=False, cache=False)
+
+
+def test_edit_sweep_matches_predict_at_every_checkpoint(tmp_path, monkeypatch) -> None:
+    from course_utils.train import predict
+
+    monkeypatch.setenv("COURSE_CACHE_DIR", str(tmp_path))
+    images, labels = _toy_images(40)
+    x32 = torch.nn.functional.interpolate(images, size=32)
+    result = _tiny_run(x32, labels)
+    ed = M.GaussianEditor.fit(x32, labels, num_classes=3, resolution=4, device="cpu", progress=False)
+    pairs = [(0, 1), (1, 2), (2, 0)]
+    sets = M.edit_sets(ed, x32[::4], labels[::4], pairs=pairs, per_class=3)
+    assert torch.equal(sets[M.OT][1], torch.tensor([1, 2, 0])[labels[::4]])
+    assert torch.equal(sets[M.SAMPLES][1], torch.arange(3).repeat_interleave(3))
+    sweep = M.edit_sweep(result, sets, batch_size=7, progress=False)
+    again = M.edit_sweep(result, sets, batch_size=7, progress=False)      # from the cache
+    assert sweep.steps == result.steps_list()
+    for k, step in enumerate(sweep.steps):
+        model = result.model_at(step)
+        for name, (x, y) in sets.items():
+            expected = predict(model, x).argmax(1)
+            assert torch.equal(sweep.predictions[name][k], expected), (name, step)
+            assert torch.equal(again.predictions[name][k], expected)
+            assert sweep.fractions()[name][k] == pytest.approx((expected == y).double().mean().item())
+    hits = sweep.hits(M.OT)
+    curve = sweep.curve(M.OT)
+    assert curve.peak == max(sweep.fractions()[M.OT]) and curve.final == sweep.fractions()[M.OT][-1]
+    assert torch.equal(sweep.turned(M.OT, curve.peak_step), hits[curve.peak_index] & ~hits[-1])
+    with pytest.raises(KeyError, match="checkpoint"):
+        sweep.turned(M.OT, 10 ** 6)
+
+
+def test_fit_editor_is_cached_and_equals_the_fit(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("COURSE_CACHE_DIR", str(tmp_path))
+    images, labels = _toy_images(30)
+    kw = dict(resolution=4, pairs=[(0, 1), (2, 0)], ridge=1e-3, num_classes=3, progress=False)
+    first = M.fit_editor(images, labels, **kw)
+    second = M.fit_editor(images, labels, **kw)
+    direct = M.GaussianEditor.fit(images, labels, num_classes=3, resolution=4, pairs=[(0, 1), (2, 0)],
+                                  progress=False)
+    for ed in (first, second):
+        assert ed.pairs == ((0, 1), (2, 0)) and ed.resolution == 4
+        assert torch.allclose(ed.maps.cpu(), direct.maps.cpu()) and torch.allclose(ed.moments.covs.cpu(),
+                                                                                   direct.moments.covs.cpu())
