@@ -104,7 +104,10 @@ T = TypeVar("T")
 TIERS = ("ci", "laptop", "full")
 PACKAGE = "course_utils"
 # Modules whose import registers the notebooks' recipes (`precompute` imports them in this order).
-RECIPE_MODULES: tuple[str, ...] = ()
+RECIPE_MODULES: tuple[str, ...] = (  # named, not imported: each registers its notebook's recipe
+    "course_utils.saliency_checks", "course_utils.lens_experiment", "course_utils.moments",
+    "course_utils.erasure_cifar",
+)
 FORMAT = 1
 DATA_FILE = "data.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -719,17 +722,17 @@ def _run_recipes(modules: list[str]) -> int:
     return failed
 
 
-def precompute(tier: str, modules: list[str] | None = None) -> int:
-    """Fill the cache for `tier` by running every recipe registered in `RECIPE_MODULES` and
-    `modules`. Runs here when `tier` is the current tier, else in a child process with the
+def precompute(tier: str, modules: list[str] | None = None, *, course: bool = True) -> int:
+    """Fill the cache for `tier` by running every recipe registered in `RECIPE_MODULES` (the
+    course's notebooks; `course=False` leaves them out) and `modules`. Runs here when `tier` is the current tier, else in a child process with the
     tier set in its environment. Returns the number of failed recipes (0 is success)."""
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
-    wanted = [*RECIPE_MODULES, *(modules or [])]
+    wanted = [*(RECIPE_MODULES if course else ()), *(modules or [])]
     if tier == current_tier():
         return _run_recipes(wanted)
     argv = [sys.executable, "-m", "course_utils.cache", "precompute", "--tier", tier]
-    argv += [a for m in (modules or []) for a in ("--module", m)]
+    argv += [a for m in (modules or []) for a in ("--module", m)] + ([] if course else ["--only-modules"])
     done = subprocess.run(argv, env=_tier_env(tier), check=False)
     if done.returncode == 2:
         raise RuntimeError(f"the child process for tier {tier!r} stopped with an error (see above)")
@@ -764,6 +767,8 @@ def _parser() -> argparse.ArgumentParser:
     p_pre.add_argument("--tier", required=True, choices=TIERS)
     p_pre.add_argument("--module", action="append", default=[],
                        help="also import this module for its recipes (repeatable)")
+    p_pre.add_argument("--only-modules", action="store_true",
+                       help="run only the recipes of the --module modules, not the course's notebooks'")
     return parser
 
 
@@ -782,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{current_tier()!r} for COURSE_MODE={args.tier})", file=sys.stderr)
         return 2
     try:
-        return 1 if precompute(args.tier, args.module) else 0
+        return 1 if precompute(args.tier, args.module, course=not args.only_modules) else 0
     except (RuntimeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ import math
 import multiprocessing
 import os
 import struct
+import subprocess
 import sys
 import textwrap
 import time
@@ -65,6 +66,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("COURSE_RESULTS_DIR", raising=False)  # the default: the user cache's results/
     monkeypatch.delenv("COURSE_RESULT_CACHE", raising=False)
     monkeypatch.setattr(cache, "_RECIPES", {})
+    monkeypatch.setattr(cache, "RECIPE_MODULES", ())  # only the recipes a test registers
     CALLS.clear()
     return tmp_path / "cache" / "results"
 
@@ -430,5 +432,17 @@ def test_precompute_for_another_tier_runs_in_a_child(store: Path, tmp_path: Path
     """))
     monkeypatch.setenv("PYTHONPATH",
                        os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    assert cache.precompute(other, modules=["my_recipes"]) == 0
+    assert cache.precompute(other, modules=["my_recipes"], course=False) == 0
     assert [(e.name, e.tier, e.ok) for e in cache.entries()] == [("tiny", other, True)]
+
+
+def test_every_course_recipe_module_registers_a_recipe() -> None:
+    """`precompute --tier T` fills the cache for every notebook: each module named in
+    `RECIPE_MODULES` imports and registers at least one recipe (in a fresh process; not run here:
+    that is the notebooks' own work, which the laptop-tier test does)."""
+    code = ("import importlib, json\nfrom course_utils import cache\nout = {}\n"
+            "for m in cache.RECIPE_MODULES:\n    before = len(cache.recipes())\n"
+            "    importlib.import_module(m)\n    out[m] = len(cache.recipes()) - before\nprint(json.dumps(out))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counts and all(n >= 1 for n in counts.values()), counts
