@@ -29,9 +29,10 @@ Sanity checks and faithfulness: `spearman`, `cascading_randomization`, `efficien
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, NamedTuple, Sequence, Union
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +74,7 @@ __all__ = [
     "target_scores",
 ]
 
-Target = Union[None, int, str, Sequence[int], torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+Target = None | int | str | Sequence[int] | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 """What to explain: None (each image's top class), a class index or ImageNet class name, one class
 per image (`[B]`), or a callable `logits [B, K] -> scores [B]` (any differentiable target)."""
 
@@ -189,7 +190,9 @@ _HEAD_CLASSES: dict[type, type] = {}
 
 def _with_head_class(base: type) -> type:
     if base not in _HEAD_CLASSES:
-        def extract_features(self: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        # `self: Any`: the method lives on a class built at run time from any EfficientNet-like base,
+        # whose submodules (`_swish`, `_blocks`, `_head_act`, ...) pyright cannot see.
+        def extract_features(self: Any, inputs: torch.Tensor) -> torch.Tensor:
             """As `EfficientNet.extract_features`, but the head calls `self._head_act`, not `self._swish`."""
             x = self._swish(self._bn0(self._conv_stem(inputs)))
             for idx, block in enumerate(self._blocks):
@@ -234,14 +237,15 @@ def efficientnet_stages(model: nn.Module, granularity: str = "stage") -> list[tu
     """
     if granularity not in ("block", "stage", "coarse"):
         raise ValueError(f"granularity must be 'block', 'stage' or 'coarse', got {granularity!r}")
-    blocks = list(model._blocks)
-    groups: list[tuple[str, list[nn.Module]]] = [("logits", [model._fc]), ("head", [model._conv_head, model._bn1])]
+    sub = model.get_submodule  # the registered submodule by name: `model._fc` typed as a module
+    blocks = list(sub("_blocks").children())
+    groups: list[tuple[str, list[nn.Module]]] = [("logits", [sub("_fc")]), ("head", [sub("_conv_head"), sub("_bn1")])]
     if granularity == "block":
         groups += [(f"block {i}", [blocks[i]]) for i in reversed(range(len(blocks)))]
     else:
         stages: list[list[nn.Module]] = []
         for b in blocks:  # a block that changes width or resolution starts a new stage
-            a = b._block_args
+            a: Any = b._block_args  # the library's untyped BlockArgs namedtuple
             if stages and a.input_filters == a.output_filters and a.stride == 1:
                 stages[-1].append(b)
             else:
@@ -252,7 +256,7 @@ def efficientnet_stages(model: nn.Module, granularity: str = "stage") -> list[tu
             named = [top] + [(f"stages {rest[i][0][6:]}-{rest[i + 1][0][6:]}", rest[i][1] + rest[i + 1][1])
                              if i + 1 < len(rest) else rest[i] for i in range(0, len(rest), 2)]
         groups += named
-    groups.append(("stem", [model._conv_stem, model._bn0]))
+    groups.append(("stem", [sub("_conv_stem"), sub("_bn0")]))
     return groups
 
 
@@ -265,7 +269,8 @@ def _class_index(name: str) -> int:
     classes = imagenet_classes()
     if name not in classes:
         close = [c for c in classes if name.lower() in c.lower()][:6]
-        raise ValueError(f"{name!r} is not an ImageNet class name" + (f"; did you mean one of {close}?" if close else ""))
+        raise ValueError(f"{name!r} is not an ImageNet class name"
+                         + (f"; did you mean one of {close}?" if close else ""))
     return classes.index(name)
 
 
@@ -292,7 +297,8 @@ def target_scores(logits: torch.Tensor, target: Target) -> tuple[torch.Tensor, t
         if classes.numel() == 1:
             classes = classes.expand(b)
         if classes.shape != (b,):
-            raise ValueError(f"target gives {classes.numel()} classes for a batch of {b}: give one per image, or one for all")
+            raise ValueError(f"target gives {classes.numel()} classes for a batch of {b}: "
+                             "give one per image, or one for all")
     classes = classes.to(logits.device)
     if (classes < 0).any() or (classes >= logits.shape[1]).any():
         raise ValueError(f"target classes must be in 0..{logits.shape[1] - 1}, got {classes.tolist()}")
@@ -373,12 +379,13 @@ class GradCAM:
             logits = self.model(x)
             acts = cap.activation
             if acts.dim() != 4:
-                raise ValueError(f"the layer outputs shape {list(acts.shape)}; Grad-CAM needs a feature map [B, K, h, w]")
+                raise ValueError(f"the layer outputs shape {list(acts.shape)}; "
+                                 "Grad-CAM needs a feature map [B, K, h, w]")
             scores, classes = target_scores(logits, target)
             grads, = torch.autograd.grad(scores.sum(), acts)  # images are independent: the sum's grad is per image
         weights = channel_weights(grads)
         raw = F.relu(torch.einsum("bk,bkhw->bhw", weights, acts.detach()))
-        out = cam_map(acts.detach(), weights, size or tuple(x.shape[-2:]))
+        out = cam_map(acts.detach(), weights, size or (x.shape[-2], x.shape[-1]))
         cpu = lambda t: t.detach().cpu()  # noqa: E731
         return CAM(map=cpu(out), raw=cpu(raw), weights=cpu(weights), activations=cpu(acts), gradients=cpu(grads),
                    logits=cpu(logits), scores=cpu(scores), classes=None if classes is None else cpu(classes))
@@ -417,7 +424,8 @@ def box_mass(maps: torch.Tensor, box: Box | Sequence[int]) -> torch.Tensor:
     if maps.dim() == 2:
         maps = maps[None]
     if not (0 <= x0 < x1 <= maps.shape[-1] and 0 <= y0 < y1 <= maps.shape[-2]):
-        raise ValueError(f"box {tuple(box)} (x0, y0, x1, y1) does not fit maps of size H={maps.shape[-2]}, W={maps.shape[-1]}")
+        raise ValueError(f"box {tuple(box)} (x0, y0, x1, y1) does not fit maps of size "
+                         f"H={maps.shape[-2]}, W={maps.shape[-1]}")
     inside = maps[:, y0:y1, x0:x1].sum(dim=(-2, -1))
     total = maps.sum(dim=(-2, -1))
     return torch.where(total > 0, inside / total.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(total))
@@ -554,7 +562,8 @@ def _guided(model: nn.Module) -> Iterator[None]:
     if not acts:
         raise ValueError("guided backprop needs ReLU / ReLU6 / GELU modules; this model has none (swish ...)")
     for m in acts:
-        m.forward = _guided_forward(m)  # instance attribute shadows the method
+        # ignored: an instance attribute shadows the method on purpose; Module.__call__ passes x positionally
+        m.forward = _guided_forward(m)  # pyright: ignore[reportAttributeAccessIssue]
     try:
         yield
     finally:
@@ -592,7 +601,8 @@ def guided_backprop(model: nn.Module, x: torch.Tensor, target: Target = None) ->
 # Faithfulness: the deletion and insertion curves
 # --------------------------------------------------------------------------------------------
 def _top_k_mask(saliency: torch.Tensor, k: int) -> torch.Tensor:
-    """True at each map's `k` most salient pixels (ties by position, a stable sort): `[B, H, W]` -> bool `[B, 1, H, W]`."""
+    """True at each map's `k` most salient pixels (ties by position, a stable sort):
+    `[B, H, W]` -> bool `[B, 1, H, W]`."""
     b, h, w = saliency.shape
     order = saliency.reshape(b, -1).argsort(dim=-1, descending=True, stable=True)
     top = torch.zeros(b, h * w, dtype=torch.bool, device=saliency.device)
@@ -653,7 +663,9 @@ def _curve_classes(model: nn.Module, x: torch.Tensor, target: Target) -> torch.T
         raise ValueError("deletion and insertion curves need class targets (an int, a name, one per image or None), "
                          "not a callable")
     logits = torch.cat([model(x[i:i + 1]) for i in range(len(x))])  # the intact images, one at a time
-    return target_scores(logits, target)[1].cpu()
+    classes = target_scores(logits, target)[1]
+    assert classes is not None, "a class target (not a callable) always gives classes"
+    return classes.cpu()
 
 
 @torch.no_grad()
@@ -662,16 +674,16 @@ def _perturbation_curve(model: nn.Module, x: torch.Tensor, saliency: torch.Tenso
                         perturb: Callable[..., torch.Tensor], desc: str) -> DeletionCurve:
     _check_saliency(x, saliency)
     b, _, h, w = x.shape
-    fractions = _fractions(steps, fractions)
+    fracs = _fractions(steps, fractions)
     classes = _curve_classes(model, x, target)
     jitter = torch.rand(b, h, w, generator=torch.Generator().manual_seed(0)) * 1e-6  # below any real difference
     sal = saliency.detach().cpu().double() + jitter.double()
-    scores = torch.zeros(b, len(fractions))
+    scores = torch.zeros(b, len(fracs))
     for i in tqdm(range(b), desc=desc, disable=not progress or b == 1):
         batch = torch.cat([perturb(x[i:i + 1], sal[i:i + 1].to(x.device), int(round(f * h * w)), baseline)
-                           for f in fractions.tolist()])
+                           for f in fracs.tolist()])
         scores[i] = model(batch).softmax(-1)[:, int(classes[i])].cpu()
-    return DeletionCurve(fractions, scores, auc(fractions, scores))
+    return DeletionCurve(fracs, scores, auc(fracs, scores))
 
 
 def deletion_curve(model: nn.Module, x: torch.Tensor, saliency: torch.Tensor, target: Target = None, *,

@@ -43,9 +43,9 @@ Images are handled as vectors of pixels in [0, 1]: `pixels(images, resolution)` 
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import permutations
-from typing import Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -58,7 +58,6 @@ from course_utils.gaussian import (
     NEWTON_TOL,
     ClassMoments,
     MomentFitter,
-    add_ridge,
     as_float_images,
     class_roots,
     fit_class_moments,
@@ -67,7 +66,6 @@ from course_utils.gaussian import (
     monge_map,
     monge_maps,
     pixels,
-    sqrt_inv_sqrt,
     sqrtm_psd,
 )
 from course_utils.train import CifarNet, TrainResult, recipe, train_classifier
@@ -254,7 +252,7 @@ class ClassQuantiles:
     values: torch.Tensor
 
     @classmethod
-    def fit(cls, x: torch.Tensor, y: torch.Tensor, num_classes: int, q: int = 65) -> "ClassQuantiles":
+    def fit(cls, x: torch.Tensor, y: torch.Tensor, num_classes: int, q: int = 65) -> ClassQuantiles:
         """Quantiles of every coordinate of `x` `[N, d]` within each class of `y` `[N]`."""
         levels = torch.linspace(0, 1, q, dtype=torch.float32)
         vals = [torch.quantile(x[y == c].float(), levels.to(x.device), dim=0) for c in range(num_classes)]
@@ -306,7 +304,7 @@ class GaussianEditor:
     def fit(cls, images: torch.Tensor, labels: torch.Tensor, *, num_classes: int = 10,
             resolution: int | None = None, pairs: Iterable[tuple[int, int]] | None = None, ridge: float = 1e-3,
             device: str | torch.device | None = None, batch_size: int = 2048,
-            progress: bool = True) -> "GaussianEditor":
+            progress: bool = True) -> GaussianEditor:
         """Fit per-class moments of `images` `[N, 3, H, W]` (labels `[N]`) at `resolution` and the
         Monge maps of `pairs` (default: all `C*(C-1)` ordered pairs of different classes).
         `resolution`: the side of the pixel grid the moments live on (default: the image size).
@@ -324,7 +322,7 @@ class GaussianEditor:
     @classmethod
     def from_moments(cls, moments: ClassMoments, *, resolution: int,
                      pairs: Iterable[tuple[int, int]] | None = None, ridge: float = 1e-3,
-                     progress: bool = True) -> "GaussianEditor":
+                     progress: bool = True) -> GaussianEditor:
         """An editor from moments already fitted on `pixels(images, resolution)`: computes every
         class's `Sigma_c^{1/2}` and the Monge maps of `pairs` (default: all ordered pairs), with
         `ridge * (tr/d) * I` added to every covariance."""

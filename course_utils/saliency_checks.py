@@ -16,7 +16,8 @@ explained twice, for the tiger cat and for the bull mastiff, every other photo f
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,9 +25,18 @@ from tqdm.auto import tqdm
 
 from course_utils import cache
 from course_utils.config import CFG
-from course_utils.gradcam import (add_head_activation, cascading_randomization, deletion_curve, efficientnet_stages,
-                                  gradcam, guided_backprop, insertion_curve, permute_labels, random_saliency,
-                                  spearman)
+from course_utils.gradcam import (
+    add_head_activation,
+    cascading_randomization,
+    deletion_curve,
+    efficientnet_stages,
+    gradcam,
+    guided_backprop,
+    insertion_curve,
+    permute_labels,
+    random_saliency,
+    spearman,
+)
 
 __all__ = ["SIZES", "budget", "data_randomization_maps", "faithfulness", "model_randomization", "photo_batch",
            "precompute_01", "train_true_and_permuted"]
@@ -95,7 +105,7 @@ def _model_randomization(photos: list[str], granularity: str, seed: int, progres
     out: dict[str, Any] = dict(steps=[], labels=labels, targets=targets, rho_cam=[], rho_gb=[], cam=[], gb=[])
     for step, net in cascading_randomization(model, efficientnet_stages(model, granularity), seed=seed,
                                              progress=progress):
-        m_cam, m_gb = gradcam(net, x, net._head_act, targets), guided_backprop(net, x, targets)
+        m_cam, m_gb = gradcam(net, x, net.get_submodule("_head_act"), targets), guided_backprop(net, x, targets)
         if step == "trained":
             out["cam0"], out["gb0"] = m_cam, m_gb
         out["steps"].append(step)
@@ -129,12 +139,12 @@ def _faithfulness(photos: list[str], fractions: list[float], baseline: float,
     x, targets, labels = photo_batch(model, photos)
     keep = [i for i, label in enumerate(labels) if label != "both: tiger cat"]  # each photo's top class
     x, targets = x[keep], targets[keep]
-    cam = gradcam(model, x, model._head_act, targets)
+    cam = gradcam(model, x, model.get_submodule("_head_act"), targets)
     saliency = {"Grad-CAM": cam, "Guided Backprop": guided_backprop(model, x, targets),
                 "random order": random_saliency(cam, seed=0)}
     out: dict[str, Any] = dict(labels=[labels[i] for i in keep], deletion={}, insertion={})
     for name, s in tqdm(saliency.items(), desc="faithfulness curves", disable=not progress):
-        kw = dict(fractions=fractions, baseline=baseline, progress=False)
+        kw: dict[str, Any] = dict(fractions=fractions, baseline=baseline, progress=False)
         out["deletion"][name] = deletion_curve(model, x, s, targets, **kw)
         out["insertion"][name] = insertion_curve(model, x, s, targets, **kw)
     return out
@@ -164,7 +174,7 @@ def train_true_and_permuted(images: torch.Tensor, labels: torch.Tensor, *, epoch
     from course_utils.train import train_classifier
 
     shuffled = permute_labels(labels, seed=seed)
-    run = dict(epochs=epochs, augment=augment, checkpoints=None, seed=seed)
+    run: dict[str, Any] = dict(epochs=epochs, augment=augment, checkpoints=None, seed=seed)
     return train_classifier(images, labels, **run), train_classifier(images, shuffled, **run), shuffled
 
 
@@ -172,7 +182,8 @@ def data_randomization_maps(true_net: nn.Module, perm_net: nn.Module, images: to
                             layer: str = "block2") -> dict[str, torch.Tensor]:
     """Grad-CAM (at `layer`) and Guided Backprop maps of both networks for `labels`, and their rank correlation.
 
-    `images [B, 3, 32, 32]` (uint8 or float in [0, 1]), `labels [B]` -> `{"cam_true", "cam_perm", "gb_true", "gb_perm"}` (`[B, 32, 32]`)
+    `images [B, 3, 32, 32]` (uint8 or float in [0, 1]), `labels [B]`
+    -> `{"cam_true", "cam_perm", "gb_true", "gb_perm"}` (`[B, 32, 32]`)
     and `"rho_cam"`, `"rho_gb"` (`[B]` float64; NaN where a map is flat).
     """
     if not torch.is_floating_point(images):

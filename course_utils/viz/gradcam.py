@@ -1,7 +1,8 @@
 """Pictures for 01_gradcam: overlay grids, the randomisation cascade, deletion curves, and an explorer."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

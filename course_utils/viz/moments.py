@@ -1,7 +1,7 @@
 """Pictures for notebook 03 (moment editing): originals against edits, the sweep, an edit slider."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
