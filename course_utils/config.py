@@ -236,7 +236,8 @@ def expected_run_time(notebook: str, mode: str, device: str, table: Mapping[str,
     """What `run_times.json` (the measured table, or `table`) says about `notebook` in tier `mode`
     on a machine like this one (`device` "cpu", else a GPU): one line, or that it was not measured."""
     if table is None:
-        table = json.loads((Path(__file__).with_name("run_times.json")).read_text(encoding="utf-8"))
+        measured: dict[str, Any] = json.loads((Path(__file__).with_name("run_times.json")).read_text(encoding="utf-8"))
+        table = measured
     machine = "cpu" if device.split(":")[0] == "cpu" else "gpu"
     entry = table["notebooks"].get(notebook.removesuffix(".ipynb"), {}).get(mode, {}).get(machine) or {}
     where = table["machines"][machine]

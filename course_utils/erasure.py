@@ -193,8 +193,9 @@ class LeaceEraser:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> LeaceEraser:
         """The same eraser with its tensors moved / cast."""
-        move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-        return LeaceEraser(move(self.proj_left), move(self.proj_right), move(self.bias))
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype)
+        return LeaceEraser(move(self.proj_left), move(self.proj_right), None if self.bias is None else move(self.bias))
 
     def __call__(self, x: Tensor) -> Tensor:
         """Erase: `x` `[..., d]`, or `[n, *shape]` with `prod(shape) == d` (e.g. images

@@ -35,6 +35,7 @@ from course_utils.config import CFG
 from course_utils.erasure import (
     LeaceEraser,
     LeaceFitter,
+    Method,
     QuadraticEraser,
     QuadraticFitter,
     linear_probe,
@@ -104,7 +105,7 @@ def load_data(s: Settings) -> tuple[Cifar10, Cifar10]:
 # --------------------------------------------------------------------------------------------
 # The erasers
 # --------------------------------------------------------------------------------------------
-def fit_leace(images: Tensor, labels: Tensor, *, method: str = "leace", resolution: int | None = None,
+def fit_leace(images: Tensor, labels: Tensor, *, method: Method = "leace", resolution: int | None = None,
               num_classes: int = 10, batch_size: int = 2048, progress: bool = True) -> LeaceEraser:
     """A `LeaceFitter` streamed over `images` `[N, 3, 32, 32]` (uint8 or float) and `labels` `[N]`,
     batch by batch in float64, on `CFG.device`; returns its eraser (`[d]`, `d = 3 r^2`, `r` =
@@ -119,10 +120,11 @@ def fit_leace(images: Tensor, labels: Tensor, *, method: str = "leace", resoluti
 
 def fit_erasers(images: Tensor, labels: Tensor, resolution: int | None = None) -> tuple[LeaceEraser, LeaceEraser]:
     """`(LEACE, orthogonal projection)` fitted on `images` `[N, 3, 32, 32]`, `labels` `[N]`, through the cache."""
-    return tuple(cached(f"erasure_{method}", fit_leace, version=ERASURE_VERSION,
-                        args=dict(images=images, labels=labels, method=method, resolution=resolution),
-                        options=dict(progress=True))
-                 for method in ("leace", "orth"))
+    leace, orth = (cached(f"erasure_{method}", fit_leace, version=ERASURE_VERSION,
+                          args=dict(images=images, labels=labels, method=method, resolution=resolution),
+                          options=dict(progress=True))
+                   for method in ("leace", "orth"))
+    return leace, orth
 
 
 def fit_quadratic(images: Tensor, labels: Tensor, *, resolution: int | None = None, num_classes: int = 10,

@@ -27,6 +27,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -153,7 +154,9 @@ def cached_scale_norm(norm: nn.Module, residuals: torch.Tensor, reference: torch
         out = centred / ref_std * norm.weight
         return out + norm.bias if norm.bias is not None else out
     ref_rms = torch.sqrt(reference.pow(2).mean(-1, keepdim=True) + eps)
-    return residuals / ref_rms * norm.weight
+    gamma = norm.weight
+    assert isinstance(gamma, torch.Tensor), f"{type(norm).__name__}.weight must be a tensor (the norm's gain)"
+    return residuals / ref_rms * gamma
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +248,8 @@ class LensStats:
     @classmethod
     def of(cls, readout: LensReadout) -> LensStats:
         """The kernels' plain tensors (`kernels.lens_readout.LensReadout`), moved to the CPU."""
-        return cls(**{name: None if t is None else t.cpu() for name, t in readout._asdict().items()})
+        fields: dict[str, Any] = {name: None if t is None else t.cpu() for name, t in readout._asdict().items()}
+        return cls(**fields)
 
 
 def lens_stats_reference(normed: torch.Tensor, W_U: torch.Tensor, *, targets: torch.Tensor | None = None,
@@ -347,6 +351,8 @@ class TunedLens(nn.Module):
     typical residual norm per feature of layer l, measured once from data by `fit` and then
     frozen. `weight` is `A` (`[L, d, d]`), `bias` gives `b` (`[L, d]`).
     """
+
+    scale: torch.Tensor  # `[L]`, the buffer `s_l` (registered in __init__)
 
     def __init__(self, model: nn.Module | LMParts):
         super().__init__()

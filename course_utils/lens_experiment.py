@@ -14,6 +14,8 @@ Sizes, chosen once from the budget (a 2-core CPU, 5 minutes cold for the laptop 
 """
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 from torch import nn
 
@@ -22,10 +24,25 @@ from course_utils import lens as L
 from course_utils.config import CFG
 from course_utils.text import load_wikitext, token_windows
 
-__all__ = ["sizes", "training_set", "heldout_residuals", "trained_lens", "test_windows"]
+__all__ = ["Sizes", "sizes", "training_set", "heldout_residuals", "trained_lens", "test_windows"]
 
 
-def sizes() -> dict[str, int | None]:
+class Sizes(TypedDict):
+    """`sizes()`'s table (a plain dict): every entry an int, but `vocab_sample` may be None."""
+
+    seq_len: int
+    test_windows: int
+    train_windows: int
+    heldout_windows: int
+    heldout_len: int
+    k: int
+    steps: int
+    batch_tokens: int
+    vocab_sample: int | None
+    eval_every: int
+
+
+def sizes() -> Sizes:
     """The experiment's sizes in the current tier.
 
     `seq_len` tokens a window; `test_windows` (WikiText-2 test, the per-layer figures),
@@ -33,7 +50,7 @@ def sizes() -> dict[str, int | None]:
     the training tokens: the convergence curve); `k` top tokens kept of the final distribution;
     `steps`, `batch_tokens`, `vocab_sample` (None: the exact partition), `eval_every`.
     """
-    return dict(
+    return Sizes(
         seq_len=CFG.pick(ci=64, laptop=128, full=128),
         test_windows=CFG.pick(ci=2, laptop=4, full=16),
         train_windows=CFG.pick(ci=8, laptop=16, full=64),

@@ -387,7 +387,8 @@ class GaussianEditor:
 
     def sample_all(self, per_class: int, generator: torch.Generator | None = None,
                    size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-        """`per_class` synthetic images of every class: `(images [C*per_class, 3, size, size], labels [C*per_class])`."""
+        """`per_class` synthetic images of every class:
+        `(images [C*per_class, 3, size, size], labels [C*per_class])`."""
         imgs = [self.sample(c, per_class, generator, size) for c in range(self.moments.num_classes)]
         labels = torch.arange(self.moments.num_classes).repeat_interleave(per_class)
         return torch.cat(imgs).cpu(), labels
@@ -472,7 +473,8 @@ def edit_targets(labels: torch.Tensor, pairs: Iterable[tuple[int, int]] | None, 
 
 
 def edit_sets(editor: GaussianEditor, images: torch.Tensor, labels: torch.Tensor, *,
-              pairs: Iterable[tuple[int, int]] | None, per_class: int, seed: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+              pairs: Iterable[tuple[int, int]] | None, per_class: int,
+              seed: int | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The three image sets every checkpoint of the sweep sees, each `(images [M, 3, 32, 32] float
     in [0, 1], the class counted as a hit [M])`:
 

@@ -123,7 +123,8 @@ def _hooked_run(model, layer, x, classes, keep="only", score=None, leak=False):
 
     def hook(module, inputs, output):
         acts.append(output)
-        output.register_hook(lambda g, k=len(acts) - 1: grads.append((k, g)))
+        k = len(acts) - 1  # this call's index, fixed in the closure below
+        output.register_hook(lambda g: grads.append((k, g)))
 
     handle = layer.register_forward_hook(hook)
     logits = model(x)
@@ -220,7 +221,8 @@ def channel_weights(gradients: torch.Tensor) -> torch.Tensor:
 
 
 @mistake("gradcam.channel_weights", "gradients summed instead of averaged",
-         "Use the mean, not the sum: a sum grows with the map's size h*w, so the weights would depend on the resolution.")
+         "Use the mean, not the sum: a sum grows with the map's size h*w, "
+         "so the weights would depend on the resolution.")
 def _weights_sum(gradients):
     return gradients.sum(dim=(2, 3))
 
@@ -248,9 +250,11 @@ def _map_cases() -> list[Case]:
     g = _gen(31)
     flat_acts = torch.rand(1, 3, 4, 4, generator=g)
     return [
-        Case("batch 2, 4 channels, 5x5 -> 20x20", (torch.randn(2, 4, 5, 5, generator=g), torch.randn(2, 4, generator=g), (20, 20))),
+        Case("batch 2, 4 channels, 5x5 -> 20x20",
+             (torch.randn(2, 4, 5, 5, generator=g), torch.randn(2, 4, generator=g), (20, 20))),
         Case("a flat map: every weighted sum is negative", (flat_acts, -torch.rand(1, 3, generator=g) - 0.1, (8, 8))),
-        Case("batch 3, 6 channels, 7x7 -> 28x21", (torch.randn(3, 6, 7, 7, generator=g), torch.randn(3, 6, generator=g), (28, 21))),
+        Case("batch 3, 6 channels, 7x7 -> 28x21",
+             (torch.randn(3, 6, 7, 7, generator=g), torch.randn(3, 6, generator=g), (28, 21))),
     ]
 
 
@@ -493,7 +497,8 @@ def _perm_shift(labels, seed):
 
 
 @mistake("gradcam.permute_labels", "the seed is ignored",
-         "Use torch.Generator().manual_seed(seed) and pass generator= to torch.randperm, so that a run can be repeated.")
+         "Use torch.Generator().manual_seed(seed) and pass generator= to torch.randperm, "
+         "so that a run can be repeated.")
 def _perm_unseeded(labels, seed):
     return labels[torch.randperm(len(labels))]
 
@@ -509,10 +514,14 @@ def _perm_inplace(labels, seed):
 def _delete_cases() -> list[Case]:
     g = _gen(71)
     return [
-        Case("batch 2, 3 channels, 4x5, delete 6 pixels", (torch.randn(2, 3, 4, 5, generator=g), torch.rand(2, 4, 5, generator=g), 6, 0.0)),
-        Case("delete nothing (k = 0)", (torch.randn(1, 1, 3, 3, generator=g), torch.rand(1, 3, 3, generator=g), 0, 0.0)),
-        Case("batch 3, 2 channels, 5x4, delete 7 with baseline -1", (torch.randn(3, 2, 5, 4, generator=g), torch.rand(3, 5, 4, generator=g), 7, -1.0)),
-        Case("delete every pixel, baseline 0.5", (torch.randn(2, 3, 2, 2, generator=g), torch.rand(2, 2, 2, generator=g), 4, 0.5)),
+        Case("batch 2, 3 channels, 4x5, delete 6 pixels",
+             (torch.randn(2, 3, 4, 5, generator=g), torch.rand(2, 4, 5, generator=g), 6, 0.0)),
+        Case("delete nothing (k = 0)",
+             (torch.randn(1, 1, 3, 3, generator=g), torch.rand(1, 3, 3, generator=g), 0, 0.0)),
+        Case("batch 3, 2 channels, 5x4, delete 7 with baseline -1",
+             (torch.randn(3, 2, 5, 4, generator=g), torch.rand(3, 5, 4, generator=g), 7, -1.0)),
+        Case("delete every pixel, baseline 0.5",
+             (torch.randn(2, 3, 2, 2, generator=g), torch.rand(2, 2, 2, generator=g), 4, 0.5)),
     ]
 
 

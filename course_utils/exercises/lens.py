@@ -207,7 +207,8 @@ def _top_cases() -> list[Case]:
                "(values, indices), largest first: return them as (probs, ids).")
 def top_tokens(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [..., V] -> (probs [..., k], ids [..., k]), most likely first."""
-    return tuple(logits.softmax(-1).topk(k, -1))
+    probs, ids = logits.softmax(-1).topk(k, -1)
+    return probs, ids
 
 
 @mistake("lens.top_tokens", "softmax missing: logits returned instead of probabilities",

@@ -76,6 +76,7 @@ def class_moments(batches, num_classes: int) -> tuple[torch.Tensor, torch.Tensor
         if fitter is None:
             fitter = M.MomentFitter(num_classes, x.shape[1])
         fitter.update(x, y)
+    assert fitter is not None, "class_moments needs at least one batch"
     result = fitter.finalize()
     return result.means, result.covs
 
@@ -88,12 +89,14 @@ def _streaming(batches, num_classes, *, center=True, ddof=1, dtype=torch.float64
             n = torch.zeros(num_classes, dtype=dtype)
             s = torch.zeros(num_classes, d, dtype=dtype)
             ss = torch.zeros(num_classes, d, d, dtype=dtype)
+        assert s is not None and ss is not None, "the sums are set together with the counts"
         x = x.to(dtype)
         for c in range(num_classes):
             xc = x[y == c]
             n[c] += len(xc)
             s[c] += xc.sum(0)
             ss[c] += xc.T @ xc
+    assert n is not None and s is not None and ss is not None, "_streaming needs at least one batch"
     mu = s / n[:, None]
     if center:
         cov = (ss - n[:, None, None] * mu[:, :, None] * mu[:, None, :]) / (n - ddof)[:, None, None]

@@ -34,7 +34,8 @@ def saliency_image(m: Any, q: float = 0.99) -> np.ndarray:
 
 
 def show_saliency(maps: Sequence[Any], titles: Sequence[str] | None = None, *, size: float = 2.6):
-    """Pixel-level saliency maps (`[H, W]` each) side by side in grey, scaled by `saliency_image`. Returns the figure."""
+    """Pixel-level saliency maps (`[H, W]` each) side by side in grey, scaled by `saliency_image`.
+    Returns the figure."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(maps), figsize=(size * len(maps), size + 0.3), squeeze=False)
@@ -116,6 +117,7 @@ def plot_randomization(steps: Sequence[str], correlations: Mapping[str, Sequence
     `reference`: horizontal dashed lines, e.g. `{"Sobel edges (no model)": 1.0}`.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7.5, 3.6))
@@ -135,7 +137,9 @@ def plot_randomization(steps: Sequence[str], correlations: Mapping[str, Sequence
     ax.legend(fontsize=8, loc="lower left")
     if title:
         ax.set_title(title)
-    ax.figure.tight_layout()
+    fig = ax.figure
+    assert isinstance(fig, Figure), "the axes must belong to a figure, not a subfigure (tight_layout)"
+    fig.tight_layout()
     return ax
 
 
@@ -144,6 +148,7 @@ def plot_deletion(curves: Mapping[str, Any], *, ax=None, title: str = "Deletion:
     """Deletion (or insertion) curves: `{label: DeletionCurve}` -> mean probability against the fraction
     deleted (inserted), AUC in the legend."""
     import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 3.5))
@@ -155,7 +160,9 @@ def plot_deletion(curves: Mapping[str, Any], *, ax=None, title: str = "Deletion:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.figure.tight_layout()
+    fig = ax.figure
+    assert isinstance(fig, Figure), "the axes must belong to a figure, not a subfigure (tight_layout)"
+    fig.tight_layout()
     return ax
 
 
@@ -192,6 +199,7 @@ def explorer(model: torch.nn.Module, layer: Any = None, photos: Sequence[str] | 
     status = widgets.Label()
 
     def set_classes(*_: Any) -> None:
+        assert pick.value is not None, "the photo dropdown always holds one of `photos`"
         top = photo(pick.value)[2]
         cls.options = [(f"{name} ({p:.2f})", name) for name, p in top]
         cls.value = top[0][0]
@@ -199,6 +207,7 @@ def explorer(model: torch.nn.Module, layer: Any = None, photos: Sequence[str] | 
     def draw(*_: Any) -> None:
         import io
 
+        assert pick.value is not None, "the photo dropdown always holds one of `photos`"
         crop, x, _ = photo(pick.value)
         name = typed.value if typed.value in classes else cls.value
         if name is None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ __all__ = ["token_strings", "layer_names", "lens_heatmap", "plot_per_layer", "pl
 def token_strings(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int] | torch.Tensor) -> list[str]:
     """Each token id as readable text (`" Paris"`), newlines shown as `\\n`, pure whitespace as `␣`."""
     ids = ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else list(ids)
-    words = [tokenizer.decode([i]).replace("\n", "\\n") for i in ids]
+    words = [cast(str, tokenizer.decode([i])).replace("\n", "\\n") for i in ids]  # one sequence: one str
     return [w if w.strip() else "␣" * max(1, len(w)) for w in words]
 
 
@@ -106,8 +106,8 @@ def plot_training_curve(losses: Sequence[float] | torch.Tensor, eval_steps: Sequ
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.4))
-    losses = np.asarray(losses, float)
-    ax.plot(np.arange(1, len(losses) + 1), losses, lw=0.8, alpha=0.6, label="training loss (top-k + tail, sampled)")
+    loss = np.asarray(losses, float)
+    ax.plot(np.arange(1, len(loss) + 1), loss, lw=0.8, alpha=0.6, label="training loss (top-k + tail, sampled)")
     ax.plot(np.asarray(eval_steps), np.asarray(eval_kl, float), marker="o", label="held-out mean KL (exact)")
     if len(eval_steps):
         ax.axvline(0.8 * float(np.asarray(eval_steps)[-1]), ls=":", c="dimgray", lw=1, label="last fifth")
