@@ -724,8 +724,9 @@ def _run_recipes(modules: list[str]) -> int:
 
 def precompute(tier: str, modules: list[str] | None = None, *, course: bool = True) -> int:
     """Fill the cache for `tier` by running every recipe registered in `RECIPE_MODULES` (the
-    course's notebooks; `course=False` leaves them out) and `modules`. Runs here when `tier` is the current tier, else in a child process with the
-    tier set in its environment. Returns the number of failed recipes (0 is success)."""
+    course's notebooks; `course=False` leaves them out) and `modules`. Runs here when `tier` is
+    the current tier, else in a child process with the tier set in its environment. Returns the
+    number of failed recipes (0 is success)."""
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
     wanted = [*(RECIPE_MODULES if course else ()), *(modules or [])]
