@@ -241,8 +241,11 @@ def expected_run_time(notebook: str, mode: str, device: str, table: Mapping[str,
     machine = "cpu" if device.split(":")[0] == "cpu" else "gpu"
     entry = table["notebooks"].get(notebook.removesuffix(".ipynb"), {}).get(mode, {}).get(machine) or {}
     where = table["machines"][machine]
-    if not entry.get("cold"):
+    if not entry.get("cold") and not entry.get("warm"):
         return f"run time of this notebook in the {mode} tier on {where}: not measured yet"
+    if not entry.get("cold"):
+        return (f"run time of this notebook in the {mode} tier on {where}: about {_minutes(entry['warm'])} with a "
+                f"warm result cache (measured {entry.get('date', '')})")
     warm = f", {_minutes(entry['warm'])} with a warm result cache" if entry.get("warm") else ""
     return (f"run time of this notebook in the {mode} tier on {where}: about {_minutes(entry['cold'])}"
             f" from an empty result cache{warm} (measured {entry.get('date', '')})")
