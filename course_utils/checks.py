@@ -29,11 +29,14 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from course_utils.config import CFG
+
+if TYPE_CHECKING:
+    import torch
 
 Status = Literal["passed", "failed", "todo", "error"]
 
@@ -92,6 +95,15 @@ class Exercise:
     @property
     def topic(self) -> str:
         return self.name.split(".", 1)[0]
+
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU `torch.Generator` seeded with `seed`: how every exercise spec draws its cases, so that
+    a case is the same on every machine and never touches the global random state."""
+    import torch
+
+    return torch.Generator().manual_seed(seed)
 
 
 def exercise(

@@ -11,13 +11,10 @@ from collections.abc import Sequence
 import torch
 
 from course_utils.checks import Case, exercise, mistake
+from course_utils.checks import generator as _gen
 from course_utils.erasure import gaussian_ot_map, psd_sqrt
 
 F64 = torch.float64
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _labelled(seed: int, n: int, d: int, k: int, *, shift: float = 1.5, balanced: bool = False,

@@ -11,10 +11,7 @@ from torch import nn
 
 from course_utils import gradcam as G
 from course_utils.checks import Case, diagnose, exercise, mistake
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from course_utils.checks import generator as _gen
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,11 +11,8 @@ from torch import nn
 
 from course_utils import lens as L
 from course_utils.checks import Case, exercise, mistake
+from course_utils.checks import generator as _gen
 from course_utils.models import block_output, lm_parts, tiny_lm
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # --- 1. the residual stream -------------------------------------------------------------------

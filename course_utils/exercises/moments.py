@@ -6,10 +6,7 @@ import torch
 
 from course_utils import moments as M
 from course_utils.checks import Case, diagnose, exercise, mistake
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from course_utils.checks import generator as _gen
 
 
 def _nan_aware(expected, actual, loose: bool) -> str | None:

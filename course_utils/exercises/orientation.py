@@ -6,10 +6,7 @@ from einops import rearrange, reduce
 from torch import nn
 
 from course_utils.checks import Case, exercise, mistake
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from course_utils.checks import generator as _gen
 
 
 # --- 1. flatten -------------------------------------------------------------------------------
