@@ -263,3 +263,20 @@ def test_expected_run_time_reads_the_measured_table():
     # the table shipped with the package has an entry shape this function reads
     for notebook in ("00_orientation", "01_gradcam", "02_logit_lens", "03_moment_editing", "04_concept_erasure"):
         assert expected_run_time(notebook, "laptop", "cpu").startswith("run time of this notebook")
+
+
+def test_instructors_table_states_the_measured_laptop_times():
+    """INSTRUCTORS.md's run-time table and `run_times.json` (what `CFG.describe` prints) say the same."""
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    times = json.loads((root / "course_utils" / "run_times.json").read_text())["notebooks"]
+    text = (root / "INSTRUCTORS.md").read_text()
+    for name, tiers in times.items():
+        row = re.search(rf"^\| `{name}` \|([^|]*)\|([^|]*)\|", text, re.M)
+        assert row, f"INSTRUCTORS.md has no run-time row for {name}"
+        cold, warm = (int(re.findall(r"(\d+) s", cell)[-1]) for cell in row.groups())
+        measured = tiers["laptop"]["cpu"]
+        assert (cold, warm) == (measured["cold"], measured["warm"]), name

@@ -495,3 +495,27 @@ def test_loss_approximation_reports_the_exact_kl_and_bounds():
     assert got["bucket"] <= got["exact"] + 1e-5  # coarsening never adds KL
     full = L.loss_approximation(normed, W_U, k=199, vocab_sample=None)
     assert full["bucket"] == pytest.approx(full["exact"], rel=1e-3) and full["sampled"] == full["bucket"]
+
+
+def test_cached_readout_equals_the_lens_and_is_loaded_the_second_time(tiny, tmp_path, monkeypatch):
+    from course_utils import lens_experiment as E
+
+    monkeypatch.setenv("COURSE_RESULTS_DIR", str(tmp_path))
+    model, ids = tiny
+    res = L.residual_stream(model, ids)[:, 0]  # [L+1, T, d]
+    targets = ids[0, 1:]
+    lens = L.LogitLens(model)
+    direct = lens.stats(res[:, :-1], targets=targets, k=3)
+    first = E.readout(lens, res[:, :-1], targets=targets, k=3)
+    entries = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    again = E.readout(lens, res[:, :-1], targets=targets, k=3)
+    for got in (first, again):
+        for name in ("entropy", "topk_ids", "topk_probs", "kl_to_final", "target_logprob", "target_rank"):
+            torch.testing.assert_close(getattr(got, name), getattr(direct, name))
+    assert entries and sorted(p for p in tmp_path.rglob("*") if p.is_file()) == entries  # loaded, nothing new
+    tuned = L.TunedLens(model)
+    with torch.no_grad():
+        tuned.bias_unit.add_(0.5)  # a tuned lens that differs from the logit lens gets its own entry
+    shifted = E.readout(tuned, res[:, :-1], targets=targets, k=3)
+    assert not torch.allclose(shifted.kl_to_final, first.kl_to_final)
+    assert len(sorted(p for p in tmp_path.rglob("*") if p.is_file())) > len(entries)

@@ -219,7 +219,8 @@ def test_plots_and_slider_smoke() -> None:
 def test_sweep_setup_per_tier() -> None:
     ci, laptop, full = (M.sweep_setup(t) for t in ("ci", "laptop", "full"))
     assert (ci.resolution, laptop.resolution, full.resolution) == (16, 16, 32)
-    assert laptop.n_train is None and laptop.n_test is None and full.pairs is None   # all the data
+    assert laptop.n_train is None and full.n_test is None and full.pairs is None   # all the data
+    assert laptop.n_test == 5000  # half the test set: the sweep's cost, chosen from the 5-minute budget
     assert ci.pairs == laptop.pairs and (2, 0) in ci.pairs                              # bird -> airplane
     with pytest.raises(ValueError, match="tier"):
         M.sweep_setup("huge")
