@@ -579,14 +579,11 @@ class TunedLens(nn.Module):
     def load(cls, path: str | Path, model: nn.Module | LMParts) -> TunedLens:
         """A TunedLens for `model` with the translators saved at `path`."""
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
-        lens = cls(model)
-        if (state["n_layers"], state["d_model"]) != (lens.n_layers, lens.parts.d_model):
+        parts = _parts(model)
+        if (state["n_layers"], state["d_model"]) != (parts.n_layers, parts.d_model):
             raise ValueError(f"{path} holds a tuned lens for {state['n_layers']} layers of width "
-                             f"{state['d_model']}, but this model has {lens.n_layers} of {lens.parts.d_model}")
-        with torch.no_grad():
-            for name in ("weight", "bias_unit", "scale"):
-                getattr(lens, name).copy_(state[name])
-        return lens
+                             f"{state['d_model']}, but this model has {parts.n_layers} of {parts.d_model}")
+        return cls.from_state(parts, state)
 
 
 # ----------------------------------------------------------------------------------------------
