@@ -65,6 +65,21 @@ def overlay(image, heatmap, *, alpha: float = 0.5, cmap: str = "jet", ax=None, t
     return ax
 
 
+def finish_axes(ax, *, xlabel: str = "", ylabel: str = "", title: str = "", title_size: float | None = None,
+                logx: bool = False):
+    """The house style of a line plot's axes: labels, an optional title and log x-axis, a light grid and
+    a small legend. Returns `ax`."""
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=title_size)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
 def curves(x, ys: dict[str, Sequence[float]], *, logx: bool = False, chance: float | None = None,
            xlabel: str = "", ylabel: str = "", title: str = "", ax=None):
     """Line plot of several named series against `x`, with an optional dashed chance line."""
@@ -76,12 +91,4 @@ def curves(x, ys: dict[str, Sequence[float]], *, logx: bool = False, chance: flo
         ax.plot(x, y, marker="o", ms=3, label=label)
     if chance is not None:
         ax.axhline(chance, ls="--", c="gray", lw=1, label="chance")
-    if logx:
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return ax
+    return finish_axes(ax, xlabel=xlabel, ylabel=ylabel, title=title, logx=logx)

@@ -5,7 +5,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from course_utils.viz import curves
+from course_utils.viz import curves, finish_axes
 
 
 def _np(t) -> np.ndarray:
@@ -80,13 +80,7 @@ def learning_curves(runs: Mapping[str, tuple[Sequence[int], Sequence[float]]], *
         ax.axhline(threshold, ls=":", c="k", lw=1, label=f"threshold {threshold:.2f}")
     if chance is not None:
         ax.axhline(chance, ls="--", c="gray", lw=1, label="chance")
-    ax.set_xscale("log")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return ax
+    return finish_axes(ax, xlabel="training step", ylabel="test accuracy", title=title, title_size=10, logx=True)
 
 
 def show_erased(images, erased, labels=None, classes: Sequence[str] | None = None, *, n: int = 8,

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from course_utils.viz import overlay, to_hwc
+from course_utils.viz import finish_axes, overlay, to_hwc
 
 __all__ = ["draw_box", "overlay_grid", "saliency_image", "show_saliency", "cascade_grid", "plot_randomization",
            "plot_deletion", "explorer"]
@@ -155,11 +155,7 @@ def plot_deletion(curves: Mapping[str, Any], *, ax=None, title: str = "Deletion:
     for label, curve in curves.items():
         mean = curve.scores.mean(0)
         ax.plot(curve.fractions, mean, marker="o", ms=3, label=f"{label} (AUC {curve.auc.mean():.3f})")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("probability of the class")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    finish_axes(ax, xlabel=xlabel, ylabel="probability of the class", title=title)
     fig = ax.figure
     assert isinstance(fig, Figure), "the axes must belong to a figure, not a subfigure (tight_layout)"
     fig.tight_layout()

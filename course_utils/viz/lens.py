@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 import torch
 
+from course_utils.viz import finish_axes
+
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedTokenizerBase
 
@@ -87,16 +89,10 @@ def plot_per_layer(curves: Mapping[str, Sequence[float] | torch.Tensor], *, rock
         ax.axhline(rock, ls="--", c="dimgray", lw=1.2, label=f"rock (unigram): {rock:.2f}")
     step = max(1, n // 15)
     ax.set_xticks(range(0, n, step), layer_names(n)[::step])
-    ax.set_xlabel("layer")
-    ax.set_ylabel(ylabel)
     if logy:  # log scale that still shows the zero KL of the last layer
         ax.set_yscale("symlog", linthresh=1)
         ax.set_ylim(bottom=0)
-    if title:
-        ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return ax
+    return finish_axes(ax, xlabel="layer", ylabel=ylabel, title=title, title_size=10)
 
 
 def plot_training_curve(losses: Sequence[float] | torch.Tensor, eval_steps: Sequence[int] | torch.Tensor,
@@ -112,12 +108,7 @@ def plot_training_curve(losses: Sequence[float] | torch.Tensor, eval_steps: Sequ
     if len(eval_steps):
         ax.axvline(0.8 * float(np.asarray(eval_steps)[-1]), ls=":", c="dimgray", lw=1, label="last fifth")
     ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean KL over layers 0..L-1 (nats)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return ax
+    return finish_axes(ax, xlabel="step", ylabel="mean KL over layers 0..L-1 (nats)", title=title, title_size=10)
 
 
 def plot_attention(patterns: torch.Tensor, titles: Sequence[str], *, size: float = 2.6):
