@@ -68,9 +68,10 @@ def head_loss(features: torch.Tensor, head_weight: torch.Tensor, labels: torch.T
     return float(F.cross_entropy(logits, labels.long().cpu()))
 
 
-def loss_recovered(loss: float, clean: float, ablated: float) -> float:
+def loss_recovered(loss: float | torch.Tensor, clean: float, ablated: float) -> float | torch.Tensor:
     """`(ablated - loss) / (ablated - clean)`: the fraction of the gap between the fully ablated
-    model and the clean one that the explanation closes."""
+    model and the clean one that the explanation closes (`loss` a float, or a tensor `[K]` of the
+    losses of K explanations -> `[K]`)."""
     if ablated == clean:
         raise ValueError("the clean and the fully ablated losses are equal: loss recovered is undefined")
     return (ablated - loss) / (ablated - clean)

@@ -58,16 +58,17 @@ class ToolboxSetup:
 def toolbox_setup(tier: str | None = None) -> ToolboxSetup:
     """Notebook 05's sizes in `tier` (default `CFG.mode`), chosen once from its time budget:
 
-    - ci: a label-bug run on 5,000 images for 3 epochs; 200 test images attacked; 1,000 evaluated;
-    - laptop: a label-bug run on 10,000 images for 3 epochs (about 40 s on 2 cores); 500 attacked,
-      2,000 evaluated, the detector fitted on 10,000 training images;
+    - ci: a label-bug run on the ci recipe's 10,000 images for 3 epochs; 200 test images attacked;
+      1,000 evaluated; the detector fitted on 10,000 training images;
+    - laptop: a label-bug run on 20,000 images for 4 epochs (625 steps, about 100 s on 2 cores);
+      500 attacked, 2,000 evaluated, the detector fitted on 10,000 training images;
     - full: 50,000 images for the recipe's epochs; 2,000 attacked; the whole test set evaluated.
     The planted batch is the first 1,000 training images in every tier.
     """
     tier = CFG.mode if tier is None else tier
     table = {
-        "ci": ToolboxSetup(5000, 3.0, 200, 1000, 5000),
-        "laptop": ToolboxSetup(10_000, 3.0, 500, 2000, 10_000),
+        "ci": ToolboxSetup(10_000, 3.0, 200, 1000, 10_000),
+        "laptop": ToolboxSetup(20_000, 4.0, 500, 2000, 10_000),
         "full": ToolboxSetup(50_000, 15.0, 2000, 10_000, 50_000),
     }
     if tier not in table:
