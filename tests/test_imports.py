@@ -98,7 +98,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data and models", ("course_utils.cifar", "course_utils.text", "course_utils.models", "course_utils.train")),
     ("numerics", ("course_utils.gaussian", "course_utils.kernels")),
     ("methods", ("course_utils.gradcam", "course_utils.lens", "course_utils.moments", "course_utils.erasure",
-                 "course_utils.saliency_checks", "course_utils.lens_experiment", "course_utils.erasure_cifar")),
+                 "course_utils.saliency_checks", "course_utils.lens_experiment", "course_utils.erasure_cifar",
+                 "course_utils.attacks", "course_utils.pruning", "course_utils.anomaly", "course_utils.label_bugs",
+                 "course_utils.ablation", "course_utils.toolbox")),
     ("teaching", ("course_utils.checks", "course_utils.claims", "course_utils.exercises", "course_utils.grade",
                   "course_utils.build", "course_utils.viz")),
 ]

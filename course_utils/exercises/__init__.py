@@ -11,6 +11,7 @@ NOTEBOOKS: dict[str, str] = {
     "02": "lens",
     "03": "moments",
     "04": "erasure",
+    "05": "toolbox",
 }
 
 
