@@ -106,7 +106,7 @@ PACKAGE = "course_utils"
 # Modules whose import registers the notebooks' recipes (`precompute` imports them in this order).
 RECIPE_MODULES: tuple[str, ...] = (  # named, not imported: each registers its notebook's recipe
     "course_utils.saliency_checks", "course_utils.lens_experiment", "course_utils.moments",
-    "course_utils.erasure_cifar",
+    "course_utils.erasure_cifar", "course_utils.toolbox",
 )
 FORMAT = 1
 DATA_FILE = "data.safetensors"
