@@ -266,7 +266,7 @@ def choose(nth: int = 0) -> Callable:
     Returns the picked option's label."""
     def move(area, page) -> str:
         select = area.locator(".widget-dropdown select").nth(nth)
-        labels = select.locator("option").all_inner_texts()
+        labels = [t.replace("\xa0", " ") for t in select.locator("option").all_inner_texts()]  # nbsp in labels
         index = (select.evaluate("s => s.selectedIndex") + 1) % len(labels)
         assert len(labels) > 1, f"dropdown {nth} has {len(labels)} option(s): nothing to move to"
         select.select_option(index=index)
