@@ -1,66 +1,97 @@
-"""The course in a real browser: JupyterLab + Debian's Chromium, driven by Playwright.
+"""The course in a real browser: JupyterLab + Debian's Chromium, driven by Playwright (tests/browser_driver.py).
 
-Starts JupyterLab on 127.0.0.1 with a token, opens a copy of the GradCAM solution, runs every cell
-from the Run menu, and asserts: no error output, at least one image, and a rendered ipywidget.
-Saves screenshots to `artifacts/` (or `$COURSE_ARTIFACTS`), also when the test fails.
-Skipped, with the reason, only where Chromium is not installed (`.ci/run` installs it).
+One JupyterLab server (ci tier: `COURSE_MODE=ci`) serves a copy of every solution notebook, each in its own
+folder with its own empty result cache (`COURSE_RESULTS_DIR` is relative, so it resolves in the kernel's
+working folder, the notebook's), so that every notebook runs cold and alone whatever ran before it.
+For each notebook (`solutions/*.ipynb`, parametrised) the test runs every cell from the Run menu and asserts:
+no error output (on the page and in the saved file), the ci tier, images where the notebook draws, every
+tqdm progress bar rendered as an ipywidgets bar (the notebook's `progress` descriptions seen, none drawn as
+text), and, for each entry of its `WIDGETS` row, that moving the control changes the widget's output.
+Screenshots go to `artifacts/browser/` (or `$COURSE_ARTIFACTS/browser/`): `<notebook>-<widget>.png` for
+each widget after its move, `<notebook>-end.png`, and `<notebook>-failure.png` when the test fails.
+
+A new notebook needs one `NOTEBOOKS` entry (its widgets, progress bars, whether it draws); a notebook
+without one fails, saying so. Skipped, with the reason, only where Chromium or Playwright is missing
+(`.ci/run` installs Chromium).
 """
 from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
+import browser_driver as B
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+SOLUTIONS = sorted(p.stem for p in (ROOT / "solutions").glob("*.ipynb"))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-NOTEBOOK = "01_gradcam.ipynb"
-RUN_LIMIT_S = 900
+RUN_LIMIT_S = 1500  # a whole notebook from an empty cache; 02 loads a 135M-parameter LM
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
-# JupyterLab user settings for the test: no news pop-up, and every cell kept in the DOM (the default
-# windowing mode leaves off-screen cells unrendered, so their outputs could not be counted).
-LAB_SETTINGS = {
-    "apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
-    "notebook-extension/tracker": {"windowingMode": "none"},
-}
-
-ERROR = ".jp-OutputArea-output:has-text('Traceback (most recent call last)')"
+TIER_LINE = "course tier: ci"
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@dataclass(frozen=True)
+class Notebook:
+    """What a notebook shows in JupyterLab.
+
+    widgets: the controls to move (`B.Widget`), in order.
+    progress: descriptions of tqdm bars it must show (each a prefix of some bar's text); () for none.
+    draws: it shows at least one image.
+    """
+
+    widgets: tuple[B.Widget, ...] = ()
+    progress: tuple[str, ...] = ()
+    draws: bool = True
 
 
-def _write_settings(folder: Path) -> None:
-    for name, values in LAB_SETTINGS.items():
-        plugin, file = name.split("/")
-        path = folder / "@jupyterlab" / plugin / f"{file}.jupyterlab-settings"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(values))
+GRADCAM = "V.explorer(model)"
+LENS = "V.lens_explorer(model, tok"
+EDIT = "edit_slider(result.model_at"
+
+NOTEBOOKS: dict[str, Notebook] = {
+    "00_orientation": Notebook(draws=False),
+    "01_gradcam": Notebook(
+        widgets=(
+            # the class picker: the photo's next class ("tabby (0.31)"); the overlay and the status line follow
+            B.Widget("class", GRADCAM, B.choose(nth=1), ".widget-image, .widget-label",
+                     expect=lambda option: option.rsplit(" (", 1)[0] + ": logit"),
+            # another photo: its own overlay and top class
+            B.Widget("photo", GRADCAM, B.choose(nth=0), ".widget-image, .widget-label"),
+            # any ImageNet class, typed into the combobox
+            B.Widget("typed-class", GRADCAM, B.type_in("or type any ImageNet class", "goldfish"),
+                     ".widget-image, .widget-label", expect="goldfish: logit"),
+        ),
+        progress=(),
+    ),
+    "02_logit_lens": Notebook(
+        widgets=(
+            B.Widget("layer", LENS, B.slide("layer", "Home"), ".widget-output", expect="layer 0 (embedding)"),
+            B.Widget("prompt", LENS, B.type_in("prompt", "The Eiffel Tower is located in the city of"),
+                     ".widget-output", expect="Eiffel"),
+        ),
+        progress=(),
+    ),
+    "03_moment_editing": Notebook(
+        widgets=(B.Widget("edit", EDIT, B.slide("edit", "Home"), ".widget-output"),),
+        progress=(),
+    ),
+    "04_concept_erasure": Notebook(progress=()),
+}
 
 
-def _wait_until_up(base: str, token: str, log: Path) -> None:
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2)
-            return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail("JupyterLab did not start within 2 minutes; its log ends:\n" + log.read_text()[-3000:])
+def test_every_solution_has_a_table_entry():
+    missing = sorted(set(SOLUTIONS) - set(NOTEBOOKS))
+    assert not missing, f"add a NOTEBOOKS entry (its widgets, progress bars) in tests/test_browser.py for {missing}"
+    assert not set(NOTEBOOKS) - set(SOLUTIONS), "NOTEBOOKS names a notebook that solutions/ no longer has"
 
 
 @pytest.fixture(scope="module")
@@ -69,104 +100,86 @@ def lab(tmp_path_factory):
         pytest.skip("Chromium is not installed here (apt-get install -y chromium); .ci/run installs it")
     pytest.importorskip("playwright.sync_api", reason="the playwright package is part of the test extra")
     work = tmp_path_factory.mktemp("lab")
-    notebooks, settings = work / "notebooks", work / "settings"
-    notebooks.mkdir()
-    shutil.copy(ROOT / "solutions" / NOTEBOOK, notebooks / NOTEBOOK)
-    _write_settings(settings)
-    port, token = _free_port(), secrets.token_hex(16)
-    env = {**os.environ, "COURSE_FAST": "1", "JUPYTERLAB_SETTINGS_DIR": str(settings)}
-    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
-           f"--ServerApp.port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={notebooks}"]
-    if hasattr(os, "getuid") and os.getuid() == 0:
-        cmd.append("--allow-root")  # CI runs as root; JupyterLab refuses to start as root without it
-    log_path = work / "lab.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=notebooks)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            _wait_until_up(base, token, log_path)
-            yield base, token, notebooks
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    root = work / "notebooks"
+    for name in SOLUTIONS:
+        (root / name).mkdir(parents=True)
+        shutil.copy(ROOT / "solutions" / f"{name}.ipynb", root / name / f"{name}.ipynb")
+    env = {**os.environ, "COURSE_MODE": "ci", "COURSE_RESULTS_DIR": ".course-results"}
+    env.pop("COURSE_FAST", None)
+    env.setdefault("OMP_NUM_THREADS", "1")  # one torch thread per kernel, as in the rest of the suite
+    with B.jupyter_lab(root, work, env) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def shots() -> Path:
+    folder = Path(os.environ.get("COURSE_ARTIFACTS", ROOT / "artifacts")) / "browser"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chromium(lab):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield browser
+        browser.close()
 
 
 def test_lab_requires_its_token(lab):
-    base, token, _ = lab
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(f"{base}/api/contents", timeout=5)
+        urllib.request.urlopen(f"{lab.base}/api/contents", timeout=5)
     assert refused.value.code in (401, 403)
-    assert urllib.request.urlopen(f"{base}/api/contents?token={token}", timeout=5).status == 200
+    assert urllib.request.urlopen(lab.url("api/contents"), timeout=5).status == 200
 
 
-def _dismiss_news(page) -> None:
-    for label in ("No", "Dismiss"):
-        button = page.locator(f".jp-Notification-Toast button:has-text('{label}')")
-        if button.count():
-            button.first.click()
+def _run(page, lab, name: str, shots: Path) -> dict:
+    """Runs notebook `name` in `page`; moves its widgets; returns what the assertions need."""
+    expected = NOTEBOOKS[name]
+    # a workspace of its own: JupyterLab would otherwise reopen (and start kernels for) earlier notebooks
+    page.goto(lab.url(f"lab/workspaces/{name}/tree/{name}/{name}.ipynb"), timeout=300_000)
+    started = time.time()
+    pending = B.run_all_cells(page, RUN_LIMIT_S)
+    seen = {"seconds": time.time() - started, "pending": pending, "errors": B.errors(page)}
+    page.screenshot(path=str(shots / f"{name}-end.png"), full_page=True)
+    assert not seen["errors"], f"{name}: a cell raised: " + B.first_error(page)
+    assert not pending, f"{name}: {len(pending)} cells had not run after {RUN_LIMIT_S} s"
+    seen.update(texts=B.output_texts(page), images=page.locator(".jp-OutputArea-output img").count(),
+                widgets=page.locator(".jp-OutputArea-output .jupyter-widgets").count())
+    seen["moved"] = {w.name: B.exercise(page, w, shots / f"{name}-{w.name}.png") for w in expected.widgets}
+    seen.update(bars=B.progress_bars(page), text_bars=B.text_progress_bars(page))
+    page.keyboard.press("Control+s")
+    page.wait_for_timeout(2000)
+    return seen
 
 
-def _prompts(page) -> list[str]:
-    return [p.strip() for p in page.locator(".jp-CodeCell .jp-InputPrompt").all_inner_texts()]
-
-
-def _errors(page) -> int:
-    """Error outputs on the page (Run All stops at the first, so waiting on would be pointless)."""
-    return page.locator(ERROR).count()
-
-
-def _all_cells_ran(page) -> bool:
-    prompts = _prompts(page)
-    return bool(prompts) and all(p not in ("[ ]:", "[*]:", "") for p in prompts)
-
-
-def _run_all_cells(page, shots: Path) -> None:
-    page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=120_000)
-    page.wait_for_selector("#jp-main-statusbar >> text=Idle", timeout=120_000)  # the kernel is up
-    _dismiss_news(page)
-    page.locator(".lm-MenuBar-item", has_text="Run").first.click()
-    page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
-    deadline = time.time() + RUN_LIMIT_S
-    while time.time() < deadline and not _all_cells_ran(page) and not _errors(page):
-        _dismiss_news(page)
-        page.wait_for_timeout(2000)
-    page.screenshot(path=str(shots / "browser-gradcam-end.png"))
-    assert not _errors(page), "a cell raised: " + page.locator(ERROR).first.inner_text()[-1500:]
-    pending = [p for p in _prompts(page) if p in ("[ ]:", "[*]:", "")]
-    assert not pending, f"{len(pending)} cells had not run after {RUN_LIMIT_S} s"
-
-
-def test_gradcam_solution_runs_in_chromium(lab):
-    from playwright.sync_api import sync_playwright
-
-    base, token, notebooks = lab
-    shots = Path(os.environ.get("COURSE_ARTIFACTS", ROOT / "artifacts"))
-    shots.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        try:
-            page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}", timeout=120_000)
-            _run_all_cells(page, shots)
-            errors = _errors(page)
-            images = page.locator(".jp-OutputArea-output img").count()
-            widgets = page.locator(".jp-OutputArea-output .jupyter-widgets")
-            if widgets.count():
-                widgets.first.scroll_into_view_if_needed()
-                page.screenshot(path=str(shots / "browser-gradcam-widget.png"))
-            n_widgets = widgets.count()
-            page.keyboard.press("Control+s")
-            page.wait_for_timeout(2000)
-        except Exception:
-            page.screenshot(path=str(shots / "browser-gradcam-failure.png"))
-            raise
-        finally:
-            browser.close()
-    saved = json.loads((notebooks / NOTEBOOK).read_text())
+@pytest.mark.parametrize("name", SOLUTIONS)
+def test_solution_runs_in_chromium(name, lab, chromium, shots):
+    if name not in NOTEBOOKS:
+        pytest.fail(f"{name} has no NOTEBOOKS entry in tests/test_browser.py (its widgets and progress bars)")
+    expected = NOTEBOOKS[name]
+    page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+    page.add_init_script(B.PROGRESS_RECORDER)
+    try:
+        seen = _run(page, lab, name, shots)
+    except Exception:
+        page.screenshot(path=str(shots / f"{name}-failure.png"), full_page=True)
+        raise
+    finally:
+        page.close()
+        lab.shut_down_kernels(f"{name}/{name}.ipynb")
+    print(f"{name}: {seen['seconds']:.0f} s; progress bars: {seen['bars']}; widgets moved: {seen['moved']}")
+    saved = json.loads((lab.root / name / f"{name}.ipynb").read_text())
     saved_errors = [o for c in saved["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert errors == 0 and not saved_errors, [f"{o['ename']}: {o['evalue']}" for o in saved_errors]
-    assert images >= 1, "no image output was rendered"
-    assert n_widgets >= 1, "no ipywidget was rendered (is jupyterlab_widgets installed in the lab's env?)"
+    assert not saved_errors, [f"{o['ename']}: {o['evalue']}" for o in saved_errors]
+    assert any(TIER_LINE in t for t in seen["texts"]), f"{name} did not run in the ci tier ({TIER_LINE!r} missing)"
+    if expected.draws:
+        assert seen["images"] >= 1, f"{name}: no image output was rendered"
+    if expected.widgets:
+        assert seen["widgets"] >= 1, "no ipywidget was rendered (is jupyterlab_widgets installed in the lab's env?)"
+    assert not seen["text_bars"], f"{name}: tqdm bars drawn as text, not widgets: {seen['text_bars']}"
+    for desc in expected.progress:
+        assert any(bar.startswith(desc) for bar in seen["bars"]), \
+            f"{name}: no progress-bar widget {desc!r} rendered; bars seen: {seen['bars']}"
