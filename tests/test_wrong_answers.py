@@ -1463,8 +1463,10 @@ def verdict(name: str, label: str) -> checks.Outcome:
 
 
 def targeted(outcome: checks.Outcome) -> bool:
-    """A recognised mistake, or a finding more specific than "values differ" with the general hint."""
-    return outcome.mistake is not None or "values differ" not in outcome.message
+    """A recognised mistake, a harness finding (input changed in place, endless loop, output attached,
+    global RNG moved, a sign / factor / offset / reordering of the right answer), or any diagnosis
+    more specific than "values differ" with the exercise's general hint."""
+    return outcome.mistake is not None or outcome.finding is not None or "values differ" not in outcome.message
 
 
 def all_exercises() -> list[checks.Exercise]:
