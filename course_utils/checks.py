@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import json
 import math
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,6 +48,10 @@ Status = Literal["passed", "failed", "todo", "error"]
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _REGISTRY: dict[str, Exercise] = {}
 RESULTS: dict[str, Outcome] = {}
+_SEEN: dict[str, int] = {}  # hint rungs shown per exercise this session (failed checks and `hint` calls)
+
+CALL_LIMIT_S = 10.0  # the least time a learner's call may take before it counts as an endless loop
+CALL_LIMIT_FACTOR = 50.0  # ... or this many times the reference's time on the same case, if longer
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,12 +86,16 @@ class Exercise:
     - `validate(answer, **context) -> str | None`: an extra test run after the cases (for
       example, that no hook was left registered); it returns a diagnosis or None.
     - `compare(expected, actual) -> str | None` replaces the default tensor comparison.
+    - Hints are a ladder, `ladder = (*hints, hint)`: a failed check shows the diagnosis and the
+      rung reached so far; `hints` are the nudges (the first must not give the recipe away) and
+      `hint`, the last rung, is the formula with shapes.
     """
 
     name: str
     title: str
     reference: Callable[..., Any]
     hint: str
+    hints: tuple[str, ...] = ()
     kind: Literal["function", "value"] = "function"
     cases: Callable[[], list[Case]] | None = None
     rtol: float = 1e-4
@@ -95,6 +108,11 @@ class Exercise:
     @property
     def topic(self) -> str:
         return self.name.split(".", 1)[0]
+
+    @property
+    def ladder(self) -> tuple[str, ...]:
+        """The hints from the gentlest nudge to the formula with shapes."""
+        return (*self.hints, self.hint)
 
 
 
@@ -111,6 +129,7 @@ def exercise(
     *,
     title: str,
     hint: str,
+    hints: tuple[str, ...] = (),
     kind: Literal["function", "value"] = "function",
     cases: Callable[[], list[Case]] | None = None,
     rtol: float = 1e-4,
@@ -119,14 +138,16 @@ def exercise(
     validate: Callable[..., str | None] | None = None,
     points: int = 1,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: register the decorated function as the reference answer of exercise `name`."""
+    """Decorator: register the decorated function as the reference answer of exercise `name`.
+
+    `hints` are the rungs of the hint ladder below `hint` (see `Exercise`)."""
     if kind == "function" and cases is None:
         raise ValueError(f"exercise {name!r}: a function exercise needs `cases`")
 
     def register(reference: Callable[..., Any]) -> Callable[..., Any]:
         previous = _REGISTRY.get(name)
         _REGISTRY[name] = Exercise(
-            name=name, title=title, reference=reference, hint=hint, kind=kind, cases=cases,
+            name=name, title=title, reference=reference, hint=hint, hints=tuple(hints), kind=kind, cases=cases,
             rtol=rtol, atol=atol, compare=compare, validate=validate, points=points,
             mistakes=list(previous.mistakes) if previous else [],
         )
@@ -171,13 +192,21 @@ def exercises_of(topic: str) -> list[Exercise]:
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Outcome:
-    """What a check found. `line()` is the one line the learner sees."""
+    """What a check found. `line()` is the one line the learner sees.
+
+    A failure's `message` is `diagnosis` followed by `hint`; the grader reports the diagnosis only.
+    `finding` names what the harness itself caught (an input changed in place, an endless loop, an
+    output left attached, the global random state changed, a scaled or reordered result).
+    """
 
     name: str
     status: Status
     message: str = ""
     case: str | None = None
     mistake: str | None = None
+    diagnosis: str = ""
+    hint: str = ""
+    finding: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -360,13 +389,175 @@ class _Todo(Exception):
     pass
 
 
-def _call(fn: Callable[..., Any], case: Case) -> Any:
+class _Timeout(BaseException):
+    """Raised inside a learner's call that ran past its time limit. A BaseException, so that a
+    bare `except Exception:` in their code does not swallow it."""
+
+
+@contextmanager
+def _alarm(seconds: float) -> Iterator[None]:
+    """Raise `_Timeout` in the main thread after `seconds` (SIGALRM); an outer timer is restored."""
+    def ring(_signum: int, _frame: Any) -> None:
+        raise _Timeout()
+
+    old_handler = signal.signal(signal.SIGALRM, ring)
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    start = time.monotonic()
     try:
-        return fn(*copy.deepcopy(case.args), **copy.deepcopy(case.kwargs))
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_delay > 0:
+            left = max(old_delay - (time.monotonic() - start), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, old_interval)
+
+
+def run_with_time_limit(thunk: Callable[[], Any], seconds: float) -> Any:
+    """`thunk()`, or `_Timeout` once it has run for `seconds`.
+
+    In the main thread of a Unix process (where a Jupyter kernel runs its cells) SIGALRM interrupts
+    the call; elsewhere it runs in a daemon thread, which is abandoned if it overruns."""
+    if hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
+        with _alarm(seconds):
+            return thunk()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = thunk()
+        except BaseException as err:  # handed to the caller's thread
+            box["error"] = err
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise _Timeout()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _call(fn: Callable[..., Any], case: Case, limit: float | None = None) -> Any:
+    args, kwargs = copy.deepcopy(case.args), copy.deepcopy(case.kwargs)
+    try:
+        if limit is None:
+            return fn(*args, **kwargs)
+        return run_with_time_limit(lambda: fn(*args, **kwargs), limit)
     except NotImplementedError as err:
         raise _Todo(str(err)) from err
 
 
+# --------------------------------------------------------------------------------------------
+# What the harness watches besides the output: inputs, the autograd graph, the random state
+# --------------------------------------------------------------------------------------------
+def _tensor_leaves(x: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        yield path, x
+    elif isinstance(x, (tuple, list)):
+        for i, v in enumerate(x):
+            yield from _tensor_leaves(v, f"{path}[{i}]")
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield from _tensor_leaves(v, f"{path}[{k!r}]")
+
+
+def _named_args(fn: Callable[..., Any], args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
+    """(parameter name, value) for every argument of a call `fn(*args, **kwargs)`."""
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        params = []
+    named = [(params[i] if i < len(params) else f"argument {i + 1}", a) for i, a in enumerate(args)]
+    return named + list(kwargs.items())
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return bool((a == b).all())
+
+
+@dataclass
+class _Watch:
+    """Snapshots taken before a learner's call, compared after it: inputs and the global RNGs."""
+
+    inputs: list[tuple[str, Any, Any]]
+    rng: tuple[Any, Any, Any]
+
+    @classmethod
+    def before(cls, named: list[tuple[str, Any]]) -> _Watch:
+        import random
+
+        import torch
+
+        inputs = [(p, t, t.detach().clone()) for name, a in named for p, t in _tensor_leaves(a, name)]
+        return cls(inputs, (torch.random.get_rng_state(), np.random.get_state(), random.getstate()))
+
+    def changed_input(self) -> str | None:
+        """The first input (by parameter name) whose contents changed, or None."""
+        return next((p for p, t, before in self.inputs if not _same(t.detach(), before)), None)
+
+    def rng_after(self) -> tuple[Any, Any, Any]:
+        """The global random state now; the state from before is put back."""
+        import random
+
+        import torch
+
+        now = (torch.random.get_rng_state(), np.random.get_state(), random.getstate())
+        torch.random.set_rng_state(self.rng[0])
+        np.random.set_state(self.rng[1])
+        random.setstate(self.rng[2])
+        return now
+
+    def rng_changed(self) -> bool:
+        """Whether the global random state moved; it is put back either way."""
+        return not _same_rng(self.rng_after(), self.rng)
+
+
+def _same_rng(a: tuple[Any, Any, Any], b: tuple[Any, Any, Any]) -> bool:
+    import torch
+
+    return (torch.equal(a[0], b[0]) and a[2] == b[2]
+            and np.array_equal(a[1][1], b[1][1]) and a[1][2] == b[1][2])
+
+
+def _attached(expected: Any, actual: Any, what: str = "output") -> str | None:
+    """The first output tensor that still has a graph where the reference's has none (checked where
+    the spec, the reference's docstring, says "detached")."""
+    import torch
+
+    if isinstance(expected, torch.Tensor) and isinstance(actual, torch.Tensor):
+        return what if actual.requires_grad and not expected.requires_grad else None
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        pairs = [(f"{what}[{k!r}]", expected[k], actual[k]) for k in expected if k in actual]
+    elif isinstance(expected, (tuple, list)) and isinstance(actual, (tuple, list)):
+        pairs = [(f"{what}[{i}]", e, a) for i, (e, a) in enumerate(zip(expected, actual))]
+    else:
+        return None
+    return next((w for w, e, a in pairs if _attached(e, a, w)), None)
+
+
+IN_PLACE = ("your function changed its input `{path}` in place (an in-place operation such as `+=`, "
+            "`x[...] = ...`, `.clamp_()`, or a write into a view of it), which would corrupt the caller's "
+            "data: compute a new tensor instead (work on `{path}.clone()` if you must write)")
+TIMED_OUT = ("your function ran for more than {limit:.0f} s on this case (the reference takes {ref:.2g} s): "
+             "an endless loop? Check that every `while` loop's condition eventually changes")
+ATTACHED = ("{what} is still attached to the autograd graph (requires_grad=True): the spec asks for a "
+            "detached tensor, so call `.detach()` on what you return")
+GLOBAL_RNG = ("your function changed the global random state (torch.manual_seed, or torch.rand / randperm / "
+              "numpy / random without a generator of your own): draw from a local "
+              "`torch.Generator().manual_seed(seed)` so that the rest of the notebook is unaffected")
+
+
+# --------------------------------------------------------------------------------------------
+# Recognising a wrong answer: registered mistakes, then the shape of the error
+# --------------------------------------------------------------------------------------------
 def _compare(ex: Exercise, expected: Any, actual: Any) -> str | None:
     if ex.compare is not None:
         return ex.compare(expected, actual)
@@ -380,20 +571,107 @@ def _matching_mistake(ex: Exercise, matches: Callable[[Callable[..., Any]], bool
                 return m
         except Exception:  # a mistake that cannot even run on this case does not match
             continue
+        except _Timeout:
+            continue
     return None
+
+
+def _loosely_equal(ex: Exercise, mistaken: Any, actual: Any) -> bool:
+    """Whether `actual` is the mistake's output within a tolerance ten times the exercise's."""
+    if ex.compare is not None:
+        return ex.compare(mistaken, actual) is None
+    return diagnose(mistaken, actual, rtol=max(10 * ex.rtol, 1e-3), atol=max(10 * ex.atol, 1e-4)) is None
+
+
+def _first_differing(expected: Any, actual: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """The first pair of same-shape float arrays that differ, walking tuples, lists and dicts."""
+    import torch
+
+    if isinstance(expected, torch.Tensor) and isinstance(actual, torch.Tensor):
+        if expected.shape != actual.shape or not expected.is_floating_point() or expected.numel() < 2:
+            return None
+        e, a = _as_numpy(expected).astype(np.float64), _as_numpy(actual).astype(np.float64)
+        if not (np.isfinite(e).all() and np.isfinite(a).all()) or np.allclose(a, e, rtol=1e-4, atol=1e-6):
+            return None
+        return e, a
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        pairs = [(expected[k], actual[k]) for k in expected if k in actual]
+    elif isinstance(expected, (tuple, list)) and isinstance(actual, (tuple, list)):
+        pairs = list(zip(expected, actual))
+    else:
+        return None
+    return next((found for e, a in pairs if (found := _first_differing(e, a)) is not None), None)
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    scale = max(float(np.abs(b).max()), 1e-12)
+    return bool(np.allclose(a, b, rtol=1e-3, atol=1e-4 * scale))
+
+
+def _error_pattern(expected: Any, actual: Any) -> str | None:
+    """What a wrong output has in common with the right one: a sign, a factor, an offset, an order."""
+    pair = _first_differing(expected, actual)
+    if pair is None:
+        return None
+    e, a = pair
+    ee = float((e * e).sum())
+    if ee > 0:
+        c = float((a * e).sum()) / ee
+        if _close(a, c * e):
+            if abs(c + 1) < 1e-3:
+                return "every entry has the wrong sign: check the sign of your formula"
+            return (f"every entry is {c:.4g} times the expected one: a missing or extra constant factor "
+                    f"(a sum for a mean, a wrong normalisation, scale or base)")
+    shift = a - e
+    if _close(shift, np.full_like(shift, shift.mean())) and abs(shift.mean()) > 1e-6:
+        return (f"every entry is off by the same constant {shift.mean():.4g}: a missing or extra additive term "
+                f"(a mean, a bias, a constant inside a log)")
+    if e.ndim >= 2 and e.shape[0] > 1:
+        rows_e, rows_a = e.reshape(e.shape[0], -1), a.reshape(a.shape[0], -1)
+        norms = (rows_e * rows_e).sum(1)
+        if (norms > 0).all():
+            cs = (rows_a * rows_e).sum(1) / norms
+            if _close(rows_a, cs[:, None] * rows_e):
+                return ("each item along the first axis is a scaled copy of the expected one, with its own "
+                        "factor: a per-item normalisation is missing or wrong")
+    if _close(np.sort(a, axis=None), np.sort(e, axis=None)):
+        return ("the right values, in the wrong places: your output rearranges the expected entries (an axis "
+                "order, a transpose, a reshape of permuted axes or an indexing mix-up)")
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Failing with a hint from the ladder
+# --------------------------------------------------------------------------------------------
+def _hint_for(ex: Exercise, m: Mistake | None, rung: int) -> str:
+    """The mistake's own hint on a first failure; later failures add the ladder's next rungs."""
+    ladder = ex.ladder
+    step = ladder[min(rung, len(ladder) - 1)]
+    if m is None:
+        return step
+    return m.hint if rung == 0 else f"{m.hint} More: {step}"
 
 
 def _fail(ex: Exercise, message: str, case: str | None, actual: Any = None,
           run: Callable[[Callable[..., Any]], Any] | None = None,
-          matches: Callable[[Callable[..., Any]], bool] | None = None) -> Outcome:
+          matches: Callable[[Callable[..., Any]], bool] | None = None,
+          finding: str | None = None, rung: int = 0, expected: Any = None) -> Outcome:
     """A failed Outcome; the hint is the matching known mistake's, if the answer behaves like one."""
+    m = None
     if matches is None and run is not None:
-        matches = lambda fn: _compare(ex, run(fn), actual) is None  # noqa: E731
-    m = _matching_mistake(ex, matches) if matches is not None else None
-    hint = m.hint if m else ex.hint
+        m = (_matching_mistake(ex, lambda fn: _compare(ex, run(fn), actual) is None)
+             or _matching_mistake(ex, lambda fn: _loosely_equal(ex, run(fn), actual)))
+    elif matches is not None:
+        m = _matching_mistake(ex, matches)
+    if m is None and finding is None and expected is not None:
+        pattern = _error_pattern(expected, actual)
+        if pattern:
+            message, finding = f"{message}: {pattern}", "error pattern"
     label = f" This looks like a known mistake: {m.label}." if m else ""
-    return Outcome(ex.name, "failed", f"{message}.{label} Hint: {hint}", case=case,
-                   mistake=m.label if m else None)
+    diagnosis = f"{message}.{label}"
+    hint = _hint_for(ex, m, rung)
+    return Outcome(ex.name, "failed", f"{diagnosis} Hint: {hint}", case=case,
+                   mistake=m.label if m else None, diagnosis=diagnosis, hint=hint, finding=finding)
 
 
 def _has_ellipsis(x: Any) -> bool:
@@ -406,38 +684,105 @@ def _has_ellipsis(x: Any) -> bool:
     return False
 
 
-def _evaluate_function(ex: Exercise, answer: Any, context: dict[str, Any]) -> Outcome:
+_TODO = "Replace `raise NotImplementedError(...)` with your code."
+
+
+def _run_case(ex: Exercise, answer: Callable[..., Any], case: Case, rung: int) -> Outcome | None:
+    """Run one case under watch; a failed Outcome, or None when the answer passes it."""
+    started = time.perf_counter()
+    expected = _call(ex.reference, case)
+    ref_s = time.perf_counter() - started
+    limit = max(CALL_LIMIT_S, CALL_LIMIT_FACTOR * ref_s)
+    args, kwargs = copy.deepcopy(case.args), copy.deepcopy(case.kwargs)
+    watch = _Watch.before(_named_args(answer, args, kwargs))
+    run = lambda fn, c=case: _call(fn, c, limit)  # noqa: E731
+    try:
+        actual = run_with_time_limit(lambda: answer(*args, **kwargs), limit)
+    except NotImplementedError:
+        return Outcome(ex.name, "todo", _TODO)
+    except _Timeout:
+        watch.rng_changed()
+        message = TIMED_OUT.format(limit=math.ceil(limit), ref=ref_s)
+        return _fail(ex, message, case.label, finding="time limit", rung=rung)
+    except Exception as err:  # the learner's bug: show their line, not a traceback
+        watch.rng_changed()
+        return _fail(ex, f"your code raised {describe_exception(err)}", case.label, rung=rung)
+    rng_moved = watch.rng_changed()
+    changed = watch.changed_input()
+    if changed:
+        return _fail(ex, IN_PLACE.format(path=changed), case.label, finding="in place", rung=rung,
+                     matches=lambda fn: _mutates_like(ex, fn, case, actual, limit))
+    problem = _compare(ex, expected, actual)
+    if problem:
+        return _fail(ex, problem, case.label, actual, run, rung=rung, expected=expected)
+    attached = _attached(expected, actual) if "detached" in (ex.reference.__doc__ or "") else None
+    if attached:
+        return _fail(ex, ATTACHED.format(what=attached), case.label, finding="attached", rung=rung)
+    if rng_moved:
+        return _fail(ex, GLOBAL_RNG, case.label, finding="global RNG", rung=rung)
+    return None
+
+
+def _mutates_like(ex: Exercise, fn: Callable[..., Any], case: Case, actual: Any, limit: float) -> bool:
+    """Whether the mistake `fn` also writes into its input, and returns what the answer returned."""
+    args, kwargs = copy.deepcopy(case.args), copy.deepcopy(case.kwargs)
+    watch = _Watch.before(_named_args(fn, args, kwargs))
+    out = run_with_time_limit(lambda: fn(*args, **kwargs), limit)
+    watch.rng_after()
+    return watch.changed_input() is not None and _compare(ex, out, actual) is None
+
+
+def _run_validate(ex: Exercise, answer: Any, context: dict[str, Any], rung: int) -> Outcome | None:
+    validate = ex.validate
+    assert validate is not None
+    watch = _Watch.before([])
+    limit = 12 * CALL_LIMIT_S
+    try:
+        problem = run_with_time_limit(lambda: validate(answer, **context), limit)
+    except (_Todo, NotImplementedError):
+        return Outcome(ex.name, "todo", _TODO)
+    except _Timeout:
+        watch.rng_after()
+        return _fail(ex, f"your function ran for more than {math.ceil(limit)} s: an endless loop? Check that every "
+                     f"`while` loop's condition eventually changes", None, finding="time limit", rung=rung)
+    except Exception as err:
+        watch.rng_after()
+        return _fail(ex, f"your code raised {describe_exception(err)}", None, rung=rung)
+    if problem:
+        watch.rng_after()
+        return _fail(ex, problem, None, matches=lambda fn: validate(fn, **context) == problem, rung=rung)
+    if _validate_moved_rng(watch, lambda: validate(ex.reference, **context)):
+        return _fail(ex, GLOBAL_RNG, None, finding="global RNG", rung=rung)
+    return None
+
+
+def _validate_moved_rng(watch: _Watch, validate_reference: Callable[[], Any]) -> bool:
+    """Whether the answer left the global random state other than the reference does (the
+    validation itself may draw from it, say to build a model)."""
+    after_answer = watch.rng_after()
+    if _same_rng(after_answer, watch.rng):
+        return False
+    validate_reference()
+    return not _same_rng(after_answer, watch.rng_after())
+
+
+def _evaluate_function(ex: Exercise, answer: Any, context: dict[str, Any], rung: int = 0) -> Outcome:
     if not callable(answer):
         return Outcome(ex.name, "failed", f"expected a function, got {type(answer).__name__}. "
                        f"Pass the function itself, without calling it.")
     cases = ex.cases() if ex.cases else []
     for case in cases:
-        expected = _call(ex.reference, case)
-        try:
-            actual = _call(answer, case)
-        except _Todo:
-            return Outcome(ex.name, "todo", "Replace `raise NotImplementedError(...)` with your code.")
-        except Exception as err:  # the learner's bug: show their line, not a traceback
-            return _fail(ex, f"your code raised {describe_exception(err)}", case.label)
-        problem = _compare(ex, expected, actual)
-        if problem:
-            return _fail(ex, problem, case.label, actual, lambda fn, c=case: _call(fn, c))
-    validate = ex.validate
-    if validate is not None:
-        try:
-            problem = validate(answer, **context)
-        except _Todo:
-            return Outcome(ex.name, "todo", "Replace `raise NotImplementedError(...)` with your code.")
-        except NotImplementedError:
-            return Outcome(ex.name, "todo", "Replace `raise NotImplementedError(...)` with your code.")
-        except Exception as err:
-            return _fail(ex, f"your code raised {describe_exception(err)}", None)
-        if problem:
-            return _fail(ex, problem, None, matches=lambda fn: validate(fn, **context) == problem)
+        failed = _run_case(ex, answer, case, rung)
+        if failed is not None:
+            return failed
+    if ex.validate is not None:
+        failed = _run_validate(ex, answer, context, rung)
+        if failed is not None:
+            return failed
     return Outcome(ex.name, "passed", f"all {len(cases)} cases pass" if cases else "passed")
 
 
-def _evaluate_value(ex: Exercise, answer: Any, context: dict[str, Any]) -> Outcome:
+def _evaluate_value(ex: Exercise, answer: Any, context: dict[str, Any], rung: int = 0) -> Outcome:
     if _has_ellipsis(answer):
         return Outcome(ex.name, "todo", "Replace the `...` with your answer.")
     expected = ex.reference(**context)
@@ -445,31 +790,53 @@ def _evaluate_value(ex: Exercise, answer: Any, context: dict[str, Any]) -> Outco
     if problem is None and ex.validate is not None:
         problem = ex.validate(answer, **context)
     if problem:
-        return _fail(ex, problem, None, answer, lambda fn: fn(**context))
+        return _fail(ex, problem, None, answer, lambda fn: fn(**context), rung=rung)
     return Outcome(ex.name, "passed", "correct")
 
 
-def evaluate(name: str, answer: Any, **context: Any) -> Outcome:
-    """Check `answer` against exercise `name` and return the Outcome, printing nothing."""
+def _evaluate(name: str, answer: Any, context: dict[str, Any], rung: int) -> Outcome:
     ex = get_exercise(name)
     try:
         if ex.kind == "function":
-            return _evaluate_function(ex, answer, context)
-        return _evaluate_value(ex, answer, context)
+            return _evaluate_function(ex, answer, context, rung)
+        return _evaluate_value(ex, answer, context, rung)
     except _Todo:
-        return Outcome(ex.name, "todo", "Replace `raise NotImplementedError(...)` with your code.")
+        return Outcome(ex.name, "todo", _TODO)
     except Exception as err:  # a bug in the context the learner passed, or in the checker
         return Outcome(ex.name, "error", f"the check could not run: {describe_exception(err)}")
 
 
+def evaluate(name: str, answer: Any, **context: Any) -> Outcome:
+    """Check `answer` against exercise `name` and return the Outcome, printing nothing.
+
+    Pure: it neither records the outcome nor climbs the hint ladder, so a failure carries the first
+    rung (see `check` and `hint`)."""
+    return _evaluate(name, answer, context, rung=0)
+
+
 def check(name: str, answer: Any, **context: Any) -> None:
-    """Check a learner's answer: prints one line (✓, not done, or a diagnosis) and records it."""
+    """Check a learner's answer: prints one line (✓, not done, or a diagnosis) and records it.
+
+    Each failure of the same exercise climbs its hint ladder one rung: a nudge first, then a more
+    specific hint, then the formula with shapes."""
     try:
-        outcome = evaluate(name, answer, **context)
+        outcome = _evaluate(name, answer, context, rung=_SEEN.get(name, 0))
     except KeyError as err:
         outcome = Outcome(name, "error", str(err.args[0]))
+    if outcome.status == "failed":
+        _SEEN[name] = _SEEN.get(name, 0) + 1
     _record(outcome)
     print(outcome.line())
+
+
+def hint(name: str) -> None:
+    """Print the next hint of exercise `name` (for example `hint("gradcam.cam_map")`), one rung at a time."""
+    ladder = get_exercise(name).ladder
+    seen = _SEEN.get(name, 0)
+    rung = min(seen, len(ladder) - 1)
+    _SEEN[name] = seen + 1
+    last = " (the last hint: the formula itself)" if rung == len(ladder) - 1 else ""
+    print(f"Hint {rung + 1}/{len(ladder)} for {name}{last}: {ladder[rung]}")
 
 
 def progress(topic: str) -> None:

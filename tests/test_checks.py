@@ -136,3 +136,189 @@ def test_outcomes_are_logged_for_the_grader(tmp_path, monkeypatch):
     assert [r["status"] for r in rows] == ["passed", "failed"]
     assert rows[1]["mistake"] == "summed instead of averaged"
     assert checks.RESULTS["orientation.channel_means"].status == "failed"
+
+
+# --- the harness sees more than the output ------------------------------------------------------
+def test_in_place_change_is_named():
+    def centred(images):
+        images -= images.mean()
+        return images.reshape(images.shape[0], -1)
+
+    outcome = evaluate("orientation.flatten_images", centred)
+    assert outcome.status == "failed" and outcome.finding == "in place"
+    assert "changed its input `images` in place" in outcome.message
+
+
+def test_in_place_change_of_a_right_answer_is_rejected():
+    def delete(x, saliency, k, baseline):  # returns the right values, through the caller's tensor
+        b, c, h, w = x.shape
+        mask = torch.zeros(b, h * w, dtype=torch.bool)
+        if k:
+            mask.scatter_(1, saliency.flatten(1).topk(k, dim=1).indices, True)
+        x[mask.reshape(b, 1, h, w).expand(b, c, h, w)] = baseline
+        return x
+
+    outcome = evaluate("gradcam.delete_most_salient", delete)
+    assert outcome.status == "failed" and "changed its input `x` in place" in outcome.message
+
+
+def test_endless_loop_is_stopped(monkeypatch):
+    monkeypatch.setattr(checks, "CALL_LIMIT_S", 0.5)
+    monkeypatch.setattr(checks, "CALL_LIMIT_FACTOR", 1.0)
+
+    def flatten_images(images):
+        while True:
+            pass
+
+    outcome = evaluate("orientation.flatten_images", flatten_images)
+    assert outcome.status == "failed" and outcome.finding == "time limit"
+    assert "ran for more than 1 s" in outcome.message
+
+
+def test_time_limit_outside_the_main_thread():
+    import threading
+    import time
+
+    caught = {}
+
+    def worker():
+        try:
+            checks.run_with_time_limit(lambda: time.sleep(5), 0.2)
+        except BaseException as err:  # the harness's _Timeout is a BaseException
+            caught["err"] = type(err).__name__
+        caught["value"] = checks.run_with_time_limit(lambda: 42, 1.0)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(3)
+    assert caught == {"err": "_Timeout", "value": 42}
+
+
+def test_time_limit_restores_an_outer_timer():
+    import signal
+
+    if not hasattr(signal, "setitimer"):
+        pytest.skip("no setitimer on this platform")
+    signal.setitimer(signal.ITIMER_REAL, 100.0)
+    old = signal.getsignal(signal.SIGALRM)
+    try:
+        assert checks.run_with_time_limit(lambda: 7, 1.0) == 7
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 90 < left <= 100 and signal.getsignal(signal.SIGALRM) is old
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def test_attached_output_is_rejected_where_the_spec_says_detached():
+    def capture(model, layer_names, x):
+        modules, out = dict(model.named_modules()), {}
+        handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o)) for n in layer_names]
+        model(x)
+        for h in handles:
+            h.remove()
+        return out
+
+    outcome = evaluate("orientation.capture_activations", capture)
+    assert outcome.status == "failed" and outcome.finding == "attached" and ".detach()" in outcome.message
+
+
+def test_global_random_state_is_checked_and_restored():
+    def permute(labels, seed):
+        torch.manual_seed(seed)
+        return labels[torch.randperm(len(labels))]
+
+    before = torch.random.get_rng_state()
+    outcome = evaluate("gradcam.permute_labels", permute)
+    assert outcome.status == "failed" and outcome.finding == "global RNG"
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_ties_in_the_saliency_cannot_delete_more_than_k():
+    ex = checks.get_exercise("gradcam.delete_most_salient")
+    threshold = next(m for m in ex.mistakes if m.label.startswith("a threshold"))
+    outcome = evaluate(ex.name, threshold.fn)
+    assert outcome.status == "failed" and "tied" in outcome.message and outcome.mistake == threshold.label
+
+
+def test_a_scaled_answer_is_named_as_such():
+    outcome = evaluate("moments.psnr", lambda x, y: 3 * 10 * torch.log10(1 / ((x - y) ** 2).flatten(1).mean(1)))
+    assert outcome.status == "failed" and "3 times the expected" in outcome.message
+
+
+def test_a_mistake_is_recognised_within_tolerance():
+    # the registered "summed instead of averaged", off by a little float noise
+    outcome = evaluate("orientation.channel_means", lambda x: x.sum(dim=(0, 2, 3)) * (1 + 3e-4))
+    assert outcome.mistake == "summed instead of averaged"
+
+
+# --- hints that teach: a ladder -----------------------------------------------------------------
+FUNCTIONS = [ex for ex in ALL if ex.kind == "function"]
+
+
+@pytest.mark.parametrize("ex", ALL, ids=lambda ex: ex.name)
+def test_every_exercise_has_a_three_rung_ladder_and_five_mistakes(ex):
+    assert len(ex.ladder) == 3 and len(set(ex.ladder)) == 3, ex.name
+    assert len(ex.mistakes) >= 5, ex.name
+    assert len({m.hint for m in ex.mistakes}) == len(ex.mistakes), "each mistake has its own hint"
+
+
+def _boom(*args, **kwargs):
+    raise ValueError("wrong")
+
+
+@pytest.mark.parametrize("ex", FUNCTIONS, ids=lambda ex: ex.name)
+def test_no_first_failure_gives_the_recipe_away(ex):
+    """Operationally: the ladder's last rung (the formula) appears in no first-failure message,
+    whatever the wrong answer: each registered mistake, or code that raises."""
+    recipe = ex.ladder[-1]
+    for answer in [m.fn for m in ex.mistakes] + [_boom]:
+        outcome = evaluate(ex.name, answer)
+        assert outcome.status == "failed"
+        assert recipe not in outcome.message, outcome.line()
+        assert outcome.message == f"{outcome.diagnosis} Hint: {outcome.hint}"
+    assert all(recipe not in m.hint for m in ex.mistakes)
+
+
+def test_the_ladder_climbs_with_each_failure_and_on_demand(capsys, monkeypatch):
+    monkeypatch.setattr(checks, "_SEEN", {})
+    ex = checks.get_exercise("gradcam.box_mass")
+    for rung in range(3):
+        check(ex.name, _boom)
+        assert ex.ladder[rung] in capsys.readouterr().out
+    check(ex.name, _boom)  # stays on the last rung
+    assert ex.ladder[-1] in capsys.readouterr().out
+
+    monkeypatch.setattr(checks, "_SEEN", {})
+    for rung in range(3):
+        checks.hint(ex.name)
+        out = capsys.readouterr().out
+        assert ex.ladder[rung] in out and f"Hint {rung + 1}/3" in out
+    check(ex.name, _boom)  # a failure after three hints shows the formula
+    assert ex.ladder[-1] in capsys.readouterr().out
+
+
+def test_a_known_mistake_keeps_its_hint_and_later_failures_add_the_ladder(capsys, monkeypatch):
+    monkeypatch.setattr(checks, "_SEEN", {})
+    ex = checks.get_exercise("orientation.channel_means")
+    summed = next(m for m in ex.mistakes if m.label == "summed instead of averaged")
+    check(ex.name, summed.fn)
+    first = capsys.readouterr().out
+    assert summed.hint in first and ex.ladder[1] not in first and ex.ladder[2] not in first
+    check(ex.name, summed.fn)
+    second = capsys.readouterr().out
+    assert summed.hint in second and ex.ladder[1] in second
+
+
+def test_evaluate_is_pure_the_grader_sees_the_first_rung(monkeypatch):
+    monkeypatch.setattr(checks, "_SEEN", {})
+    for _ in range(3):
+        outcome = evaluate("gradcam.box_mass", _boom)
+    assert checks._SEEN == {}
+    assert outcome.hint == checks.get_exercise("gradcam.box_mass").ladder[0]
+    assert outcome.diagnosis.startswith("your code raised ValueError") and "Hint" not in outcome.diagnosis
+
+
+def test_hint_is_importable_like_check():
+    from course_utils.checks import hint as h
+
+    assert callable(h) and h is checks.hint

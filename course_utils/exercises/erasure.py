@@ -53,11 +53,20 @@ def _xcov_cases() -> list[Case]:
 
 
 @exercise("erasure.cross_covariance", title="Linear guardedness: the cross-covariance Cov(x, z)",
+          hints=('A covariance is an average of products of deviations from the means; mind the '
+                 "normalisation and the output's orientation.",
+                 'Centre x and z on their column means, multiply to get [d, k], and divide by n - 1.'),
           cases=_xcov_cases,
           hint="Centre both: xc = x - x.mean(0), zc = z - z.mean(0); then xc.T @ zc / (n - 1), a [d, k] matrix.")
 def cross_covariance(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """`x` `[n, d]`, one-hot `z` `[n, k]` -> `Sigma_xz` `[d, k]`, with Bessel's 1/(n-1)."""
     return _centre(x).T @ _centre(z) / (len(x) - 1)
+
+
+@mistake("erasure.cross_covariance", "mu_x mu_z^T subtracted without the factor n",
+         "x^T z sums n products, so its mean correction is n mu_x mu_z^T; centring x and z first avoids the slip.")
+def _cross_no_n(x, z):
+    return (x.T @ z - torch.outer(x.mean(0), z.mean(0))) / (len(x) - 1)
 
 
 @mistake("erasure.cross_covariance", "the means were not subtracted",
@@ -96,6 +105,11 @@ def _orth_cases() -> list[Case]:
 
 
 @exercise("erasure.orth_erase", title="Naive erasure: project out the class-mean differences",
+          hints=('Remove, around the mean, the directions along which the class means differ; keep '
+                 'everything else.',
+                 'Get an orthonormal basis of the column span of Sigma_xz (only directions with '
+                 'non-zero singular values), project the centred x on it, and subtract that '
+                 'projection from x.'),
           cases=_orth_cases, atol=1e-8, rtol=1e-6,
           hint="S = Sigma_xz [d, k]; U = an orthonormal basis of its columns (SVD, keeping the singular "
                "values that are not ~0: there are k - 1 for one-hot z), or P = S @ torch.linalg.pinv(S); "
@@ -106,6 +120,24 @@ def orth_erase(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     u = _colspan(cross_covariance(x, z))
     mu = x.mean(0)
     return x - (x - mu) @ u @ u.T
+
+
+@mistake("erasure.orth_erase", "QR of Sigma_xz keeps a spurious direction",
+         "For one-hot z, Sigma_xz has rank k - 1: QR returns k columns anyway, one of them noise. Keep only "
+         "the directions with non-zero singular values (SVD) or use P = S S^+.")
+def _orth_qr(x, z):
+    xc, zc = x - x.mean(0), z - z.mean(0)
+    Q = torch.linalg.qr(xc.T @ zc / (len(x) - 1)).Q
+    return x - xc @ Q @ Q.T
+
+
+@mistake("erasure.orth_erase", "the mean not added back",
+         "Only the deviation from the mean is projected: x - (x - mu) P keeps the mean; (x - mu)(I - P) loses it.")
+def _orth_centred(x, z):
+    xc, zc = x - x.mean(0), z - z.mean(0)
+    S = xc.T @ zc / (len(x) - 1)
+    P = S @ torch.linalg.pinv(S)
+    return xc - xc @ P
 
 
 @mistake("erasure.orth_erase", "the mean was not subtracted",
@@ -165,6 +197,11 @@ def _sigma(x: torch.Tensor) -> torch.Tensor:
 
 
 @exercise("erasure.leace_erase", title="LEACE in closed form", cases=_leace_cases, atol=1e-7, rtol=1e-6,
+          hints=('LEACE is an oblique projection: whiten, project out the concept directions there, '
+                 'and map back.',
+                 'W is the (pseudo-)inverse square root of Sigma_xx and W^+ its square root; P '
+                 'projects onto colspan(W Sigma_xz); apply W^+ P W to the centred rows (mind the '
+                 'transpose for row vectors) and subtract.'),
           hint="W = Sigma_xx^{-1/2} (eigh: V diag(1/sqrt(l)) V.T, 0 where l ~ 0), W_inv = Sigma_xx^{1/2}; "
                "U = orthonormal basis of colspan(W @ Sigma_xz); return x - (x - mu) @ (W_inv @ U @ U.T @ W).T.")
 def leace_erase(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -172,6 +209,39 @@ def leace_erase(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     `W = Sigma_xx^{-1/2}` (pseudo-inverse), `P` the orthogonal projection onto colspan(W Sigma_xz)."""
     sigma = _sigma(x)
     return _leace_with(x, z, psd_sqrt(sigma, inverse=True), psd_sqrt(sigma))
+
+
+def _leace_variant(x, z, *, w_inv=True, pinv=True, transpose=True):
+    xc, zc = x - x.mean(0), z - z.mean(0)
+    n, d = x.shape
+    evals, V = torch.linalg.eigh(xc.T @ xc / (n - 1))
+    keep = evals > 1e-10 * evals.max() if pinv else torch.ones_like(evals, dtype=torch.bool)
+    safe = torch.where(keep, evals, torch.ones_like(evals))
+    W = (V * torch.where(keep, safe.rsqrt(), 0.0)) @ V.T
+    W_inv = (V * torch.where(keep, safe.sqrt(), 0.0)) @ V.T if w_inv else torch.eye(d, dtype=x.dtype)
+    S = W @ (xc.T @ zc / (n - 1))
+    P = S @ torch.linalg.pinv(S)
+    M_ = W_inv @ P @ W
+    return x - xc @ (M_.T if transpose else M_)
+
+
+@mistake("erasure.leace_erase", "W^+ forgotten (left in the whitened space)",
+         "After projecting in the whitened space, map back with W^+ = Sigma_xx^{1/2}.")
+def _leace_no_winv(x, z):
+    return _leace_variant(x, z, w_inv=False)
+
+
+@mistake("erasure.leace_erase", "1/sqrt of the ~0 eigenvalues (no pseudo-inverse)",
+         "A singular covariance has eigenvalues ~0: set their inverse roots to 0 (pseudo-inverse) "
+         "instead of dividing by them.")
+def _leace_no_pinv(x, z):
+    return _leace_variant(x, z, pinv=False)
+
+
+@mistake("erasure.leace_erase", "the map applied to row vectors without its transpose",
+         "Rows are vectors on the left: r(x)^T = x^T - (x - mu)^T (W^+ P W)^T, so multiply by the TRANSPOSE.")
+def _leace_no_transpose(x, z):
+    return _leace_variant(x, z, transpose=False)
 
 
 @mistake("erasure.leace_erase", "whitening forgotten (that is the orthogonal projection)",
@@ -242,6 +312,10 @@ def _step_cases() -> list[Case]:
 
 
 @exercise("erasure.first_step_above", title="The step at which accuracy first reaches a threshold",
+          hints=('You need the step (not the position, not the accuracy) of the first checkpoint that'
+                 ' reaches the threshold.',
+                 'Walk the pairs in order, return the first step whose accuracy is >= threshold, and '
+                 'None if none is.'),
           cases=_step_cases,
           hint="Walk through zip(steps, accuracies) and return the first STEP whose accuracy is >= threshold; "
                "return None after the loop if there is none.")
@@ -320,6 +394,10 @@ def _class_stats(x: torch.Tensor, labels: torch.Tensor, c: int, ddof: int = 1) -
 
 
 @exercise("erasure.quadratic_erase", title="Quadratic erasure: match every class's mean and covariance",
+          hints=('Each class gets its own Gaussian map onto the target distribution, built from that '
+                 "class's own moments.",
+                 'For each class: its mean and unbiased covariance, the OT map from that covariance '
+                 "to the target's, applied to the centred rows, plus the target mean."),
           cases=_quad_cases, atol=1e-7, rtol=1e-6,
           hint="For each class c: mu_c, Sigma_c of x[labels == c] (1/(n_c - 1)); A = gaussian_ot_map(Sigma_c, "
                "target_cov); out[labels == c] = target_mean + (x_c - mu_c) @ A.T.")
@@ -333,6 +411,42 @@ def quadratic_erase(x: torch.Tensor, labels: torch.Tensor, target_mean: torch.Te
         mu, sigma = _class_stats(x, labels, c)
         out[idx] = target_mean + (x[idx] - mu) @ gaussian_ot_map(sigma, target_cov).T
     return out
+
+
+def _quad_variant(x, labels, target_mean, target_cov, *, shift_only=False, pooled=False, cholesky=False):
+    out = torch.empty_like(x)
+    for c in labels.unique():
+        sel = labels == c
+        xs = x if pooled else x[sel]
+        mu = xs.mean(0)
+        cov = (xs - mu).T @ (xs - mu) / (len(xs) - 1)
+        if shift_only:
+            A = torch.eye(x.shape[1], dtype=x.dtype)
+        elif cholesky:
+            A = torch.linalg.cholesky(target_cov) @ torch.linalg.inv(torch.linalg.cholesky(cov))
+        else:
+            A = gaussian_ot_map(cov, target_cov)
+        out[sel] = target_mean + (x[sel] - mu) @ A.T
+    return out
+
+
+@mistake("erasure.quadratic_erase", "a mean shift only",
+         "Matching the means is not enough: each class's covariance must be mapped onto target_cov too.")
+def _quad_shift_only(x, labels, target_mean, target_cov):
+    return _quad_variant(x, labels, target_mean, target_cov, shift_only=True)
+
+
+@mistake("erasure.quadratic_erase", "the pooled mean and covariance for every class",
+         "Each class is moved with ITS OWN mean and covariance, computed from x[labels == c].")
+def _quad_pooled_moments(x, labels, target_mean, target_cov):
+    return _quad_variant(x, labels, target_mean, target_cov, pooled=True)
+
+
+@mistake("erasure.quadratic_erase", "whiten and re-colour with Cholesky factors",
+         "L_t L_c^{-1} matches the covariance but is not the optimal-transport map: use the symmetric "
+         "Gaussian OT map, which moves each point least.")
+def _quad_cholesky(x, labels, target_mean, target_cov):
+    return _quad_variant(x, labels, target_mean, target_cov, cholesky=True)
 
 
 @mistake("erasure.quadratic_erase", "the overall mean instead of each class's mean",

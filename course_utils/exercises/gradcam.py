@@ -97,6 +97,11 @@ def _validate_hooks(answer: Any, **_: Any) -> str | None:
 
 
 @exercise("gradcam.activations_and_gradients", title="Capture a layer's activations and gradients with hooks",
+          hints=('You need two things from one layer: its output on the way forward and the gradient '
+                 'of that output on the way back.',
+                 'A forward hook keeps the output A and registers a tensor hook on it for dA; the '
+                 "scalar to backprop is the sum over the batch of each image's logit at its own "
+                 'class; detach both, remove the hook, refuse a layer that runs twice.'),
           cases=_hook_cases, validate=_validate_hooks,
           hint="Register a forward hook on `layer` that keeps `output` and calls output.register_hook(...) to keep "
                "its gradient; run model(x); backprop logits[range(B), classes].sum(); remove the handle in a "
@@ -134,6 +139,44 @@ def _hooked_run(model, layer, x, classes, keep="only", score=None, leak=False):
     y.backward()
     g = dict(grads)[k]
     return acts[k].detach(), g
+
+
+def _ag(model, layer, x, select):
+    store = {"calls": 0}
+
+    def hook(_m, _i, out):
+        store["calls"] += 1
+        store["A"] = out
+        out.register_hook(lambda g: store.__setitem__("G", g))
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        logits = model(x)
+        if store["calls"] > 1:
+            raise ValueError("the layer ran more than once")
+        select(logits).backward()
+    finally:
+        handle.remove()
+    return store["A"].detach(), store["G"].detach()
+
+
+@mistake("gradcam.activations_and_gradients", "the predicted class instead of `classes`",
+         "Backprop the logit of the class you were GIVEN for each image, not the model's top class.")
+def _ag_argmax(model, layer, x, classes):
+    return _ag(model, layer, x, lambda lg: lg.max(1).values.sum())
+
+
+@mistake("gradcam.activations_and_gradients", "the sum of every logit",
+         "Only one logit per image counts: logits[b, classes[b]], summed over b.")
+def _ag_all(model, layer, x, classes):
+    return _ag(model, layer, x, lambda lg: lg.sum())
+
+
+@mistake("gradcam.activations_and_gradients", "logits[:, classes] (every image at every class)",
+         "logits[:, classes] is a [B, B] block: each image at every image's class. Pair them up with "
+         "logits[range(B), classes].")
+def _ag_block(model, layer, x, classes):
+    return _ag(model, layer, x, lambda lg: lg[:, classes].sum())
 
 
 @mistake("gradcam.activations_and_gradients", "hook left registered",
@@ -211,10 +254,25 @@ def _weights_cases() -> list[Case]:
 
 
 @exercise("gradcam.channel_weights", title="Channel weights: the spatial mean of the gradients", cases=_weights_cases,
+          hints=("Each channel's weight summarises its gradient map by one number per image: which "
+                 'axes should disappear?',
+                 'Average over the spatial axes h and w only: [B, K, h, w] -> [B, K].'),
           hint="Average over the two spatial axes only: gradients.mean(dim=(2, 3)) gives [B, K].")
 def channel_weights(gradients: torch.Tensor) -> torch.Tensor:
     """`alpha_k = (1/hw) sum_ij dy/dA^k_ij`: `gradients [B, K, h, w]` -> `[B, K]`."""
     return G.channel_weights(gradients)
+
+
+@mistake("gradcam.channel_weights", "the spatial maximum instead of the mean",
+         "Grad-CAM averages the gradient over the map (global average pooling), it does not take its maximum.")
+def _weights_max(gradients):
+    return gradients.amax(dim=(2, 3))
+
+
+@mistake("gradcam.channel_weights", "absolute gradients averaged",
+         "Keep the sign: a negative mean gradient means the channel argues AGAINST the class.")
+def _weights_abs(gradients):
+    return gradients.abs().mean(dim=(2, 3))
 
 
 @mistake("gradcam.channel_weights", "gradients summed instead of averaged",
@@ -252,10 +310,17 @@ def _map_cases() -> list[Case]:
         Case("a flat map: every weighted sum is negative", (flat_acts, -torch.rand(1, 3, generator=g) - 0.1, (8, 8))),
         Case("batch 3, 6 channels, 7x7 -> 28x21",
              (torch.randn(3, 6, 7, 7, generator=g), torch.randn(3, 6, generator=g), (28, 21))),
+        Case("every weighted sum positive: a map whose minimum is not 0",
+             (torch.rand(2, 3, 4, 6, generator=g) + 0.5, torch.rand(2, 3, generator=g) + 0.1, (8, 12))),
     ]
 
 
 @exercise("gradcam.cam_map", title="The map: ReLU of the weighted sum, upsampled and normalised", cases=_map_cases,
+          hints=('The order matters: combine the channels, keep only the positive evidence, resize, '
+                 'and scale each map on its own.',
+                 'Weighted sum over k gives [B, h, w]; ReLU; bilinear upsampling '
+                 '(align_corners=False) to `size`; divide each map by its own maximum, leaving an '
+                 'all-zero map at zero.'),
           hint="raw = relu(einsum('bk,bkhw->bhw', weights, activations)); upsample with F.interpolate(raw[:, None], "
                "size=size, mode='bilinear', align_corners=False)[:, 0]; divide each map by its own max, and leave "
                "an all-zero map at zero.")
@@ -267,6 +332,37 @@ def cam_map(activations: torch.Tensor, weights: torch.Tensor, size: tuple[int, i
 def _up(raw: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
     kw = {"align_corners": False} if mode == "bilinear" else {}
     return F.interpolate(raw[:, None], size=tuple(size), mode=mode, **kw)[:, 0]
+
+
+def _cam_variant(activations, weights, size, *, relu=True, align=False, norm=True):
+    raw = torch.einsum("bk,bkhw->bhw", weights, activations)
+    raw = raw.relu() if relu else raw
+    up = F.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=align)[:, 0]
+    if not norm:
+        return up
+    return up / up.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
+
+
+@mistake("gradcam.cam_map", "align_corners=True",
+         "Use align_corners=False, the convention of the course's reference: True stretches the map so that "
+         "corner pixels align, shifting every value.")
+def _cam_align(activations, weights, size):
+    return _cam_variant(activations, weights, size, align=True)
+
+
+@mistake("gradcam.cam_map", "not normalised",
+         "The map must lie in [0, 1]: divide each map by its own maximum.")
+def _cam_unnormalised(activations, weights, size):
+    return _cam_variant(activations, weights, size, norm=False)
+
+
+@mistake("gradcam.cam_map", "min-max normalisation",
+         "Divide by the maximum only; subtracting the minimum makes a map that is positive everywhere "
+         "look as if it had zero evidence somewhere.")
+def _cam_minmax(activations, weights, size):
+    up = _cam_variant(activations, weights, size, norm=False)
+    lo, hi = up.flatten(1).amin(1)[:, None, None], up.flatten(1).amax(1)[:, None, None]
+    return (up - lo) / (hi - lo).clamp(min=1e-12)
 
 
 @mistake("gradcam.cam_map", "the ReLU is missing",
@@ -322,11 +418,24 @@ def _box_cases() -> list[Case]:
 
 
 @exercise("gradcam.box_mass", title="How much of the map falls inside a box", cases=_box_cases,
+          hints=('A share of the mass: what is inside the box over what is in the whole map, per '
+                 'image. Mind which coordinate indexes rows.',
+                 'x indexes columns and y rows; the box is half-open; divide the sum inside by the '
+                 "map's total, and give 0 for a map whose total is 0."),
           hint="x is the column, y the row: inside = maps[:, y0:y1, x0:x1].sum(dim=(1, 2)); divide by "
                "maps.sum(dim=(1, 2)), and return 0 where the total is 0.")
 def box_mass(maps: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
     """Fraction of each map's mass inside `box = (x0, y0, x1, y1)` (half-open): `[B, H, W]` -> `[B]`."""
     return G.box_mass(maps, box)
+
+
+@mistake("gradcam.box_mass", "divided by the whole batch's mass",
+         "Each map's share is relative to THAT map's total, one total per image.")
+def _box_batch_total(maps, box):
+    x0, y0, x1, y1 = box
+    total = maps.sum()
+    inside = maps[:, y0:y1, x0:x1].sum(dim=(1, 2))
+    return inside / total if total > 0 else torch.zeros_like(inside)
 
 
 @mistake("gradcam.box_mass", "rows and columns swapped",
@@ -386,6 +495,11 @@ def _compare_float64(expected: Any, actual: Any) -> str | None:
 
 
 @exercise("gradcam.spearman", title="Spearman rank correlation of two maps", cases=_spearman_cases,
+          hints=("Spearman's correlation is a Pearson correlation of something other than the values "
+                 'themselves; think about what, and about ties.',
+                 "Replace each row's values by their ranks, tied values sharing the mean of their "
+                 'positions; then centre the ranks and take the cosine of the centred ranks, row by '
+                 'row.'),
           compare=_compare_float64,
           hint="Rank each row with ties averaged (torch.unique(row, return_inverse=True, return_counts=True): "
                "a value's rank is the mean of the positions its copies occupy), then take the Pearson "
@@ -399,6 +513,27 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.double(), b.double()
     a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+def _pearson_rows(ra, rb):
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
+
+
+@mistake("gradcam.spearman", "argsort used as the ranks",
+         "argsort gives the ORDER (which index is smallest), not each value's rank; the rank of entry i is "
+         "its position in that order.")
+def _spearman_argsort(a, b):
+    return _pearson_rows(a.argsort(1).double(), b.argsort(1).double())
+
+
+@mistake("gradcam.spearman", "covariance over n - 1 but standard deviations over n",
+         "Use the same normalisation in the numerator and the denominator (or none: sums and norms).")
+def _spearman_bessel(a, b):
+    ra, rb = G.rank(a), G.rank(b)
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    n = a.shape[1]
+    return (ra * rb).sum(1) / (n - 1) / (ra.std(1, unbiased=False) * rb.std(1, unbiased=False))
 
 
 @mistake("gradcam.spearman", "Pearson correlation of the values, not of their ranks",
@@ -465,6 +600,10 @@ def _validate_permutation(answer: Any, **_: Any) -> str | None:
 
 
 @exercise("gradcam.permute_labels", title="Data randomisation: permute the training labels", cases=_no_cases,
+          hints=('Shuffle which image gets which label, reproducibly from the seed, without touching '
+                 'any other random numbers in the notebook.',
+                 'Draw a random permutation of the indices from a local generator seeded with `seed`,'
+                 ' and index a new tensor with it.'),
           validate=_validate_permutation,
           hint="perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)); "
                "return labels[perm].")
@@ -522,7 +661,34 @@ def _delete_cases() -> list[Case]:
     ]
 
 
+def _validate_ties(answer: Any, **_: Any) -> str | None:
+    """Tied saliency at the k-th value (Grad-CAM maps have many tied zeros): exactly k pixels go."""
+    g = _gen(72)
+    saliency = torch.rand(2, 4, 6, generator=g).round(decimals=1) * (torch.rand(2, 4, 6, generator=g) > 0.6)
+    x = torch.rand(2, 3, 4, 6, generator=g) + 1.0
+    k = int((saliency.flatten(1) > 0).sum(1).min()) + 2  # the k-th largest value is a tied 0
+    out = answer(x.clone(), saliency.clone(), k, 0.0)
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        return None  # the cases already report this
+    deleted = (out != x).all(dim=1).flatten(1)
+    kth = saliency.flatten(1).topk(k, dim=1).values[:, -1:]
+    for b in range(len(x)):
+        n = int(deleted[b].sum())
+        if n != k:
+            return (f"with tied saliency values (Grad-CAM maps have many tied zeros) you deleted {n} pixels of "
+                    f"image {b}, not k = {k}")
+        if (saliency.flatten(1)[b][deleted[b]] < kth[b]).any():
+            return f"with tied saliency values you deleted a pixel of image {b} below the k-th largest saliency"
+    return None
+
+
 @exercise("gradcam.delete_most_salient", title="Delete the most salient pixels", cases=_delete_cases,
+          validate=_validate_ties,
+          hints=('Pick exactly k pixels per image, by saliency, and set every channel of those pixels'
+                 ' to the baseline, leaving x itself untouched.',
+                 'Per image, take the indices of the k largest saliency values (topk over the '
+                 'flattened map, so that ties cannot add pixels); build a [B, H*W] mask from them; '
+                 'apply it to all channels with torch.where.'),
           hint="Per image: idx = saliency.flatten(1).topk(k, dim=1).indices; build a [B, H*W] mask with "
                "mask.scatter_(1, idx, True); then torch.where(mask.reshape(B, 1, H, W), baseline, x).")
 def delete_most_salient(x: torch.Tensor, saliency: torch.Tensor, k: int, baseline: float) -> torch.Tensor:
@@ -536,6 +702,40 @@ def _delete_with(x, idx, baseline, channels=None):
     if channels is not None:
         mask = mask & (torch.arange(c) == channels).reshape(1, c, 1, 1)
     return torch.where(mask, torch.full_like(x, baseline), x)
+
+
+@mistake("gradcam.delete_most_salient", "a threshold at the k-th largest value (ties delete more than k)",
+         "A threshold `saliency >= kth` deletes every pixel tied with the k-th value: pick exactly k indices "
+         "instead.")
+def _delete_threshold(x, saliency, k, baseline):
+    b, _, h, w = x.shape
+    flat = saliency.flatten(1)
+    if k == 0:
+        return x.clone()
+    mask = (flat >= flat.topk(k, dim=1).values[:, -1:]).reshape(b, 1, h, w)
+    return torch.where(mask, torch.as_tensor(baseline, dtype=x.dtype), x)
+
+
+@mistake("gradcam.delete_most_salient", "H and W swapped when flattening",
+         "Flatten the saliency map and reshape the mask the same way, [B, H*W] <-> [B, 1, H, W], so that each "
+         "index names the same pixel.")
+def _delete_hw(x, saliency, k, baseline):
+    b, _, h, w = x.shape
+    mask = torch.zeros(b, h * w, dtype=torch.bool)
+    if k:
+        mask.scatter_(1, saliency.transpose(1, 2).flatten(1).topk(k, dim=1).indices, True)
+    return torch.where(mask.reshape(b, 1, h, w), torch.as_tensor(baseline, dtype=x.dtype), x)
+
+
+@mistake("gradcam.delete_most_salient", "x written in place",
+         "Build a new tensor (torch.where or x.clone()): the caller's images must stay as they were.")
+def _delete_in_place(x, saliency, k, baseline):
+    b, c, h, w = x.shape
+    mask = torch.zeros(b, h * w, dtype=torch.bool)
+    if k:
+        mask.scatter_(1, saliency.flatten(1).topk(k, dim=1).indices, True)
+    x[mask.reshape(b, 1, h, w).expand(b, c, h, w)] = baseline
+    return x
 
 
 @mistake("gradcam.delete_most_salient", "least salient pixels deleted first",

@@ -52,6 +52,10 @@ def _no_hooks_left(answer, **_: object) -> str | None:
 
 
 @exercise("lens.residual_stream", title="Capture the residual stream after every block", cases=_stream_cases,
+          hints=('The stream has L+1 entries: what goes into the first block, then what comes out of '
+                 'each block.',
+                 'Entry 0 is the embedding (positions included: embed_fn); hook every block and keep '
+                 'block_output(output); stack the L+1 tensors on a new first axis; remove the hooks.'),
           validate=_no_hooks_left,
           hint="parts = lm_parts(model). Entry 0 is parts.embed_fn(ids); then hook every block in parts.blocks "
                "and keep block_output(output) of each; torch.stack the L+1 tensors; remove the hooks.")
@@ -131,6 +135,10 @@ def _decode_cases() -> list[Case]:
 
 
 @exercise("lens.logit_lens", title="Decode every layer: RMSNorm on its own residual, then W_U",
+          hints=("Every layer's residual must go through the same final norm the model applies to its"
+                 ' last layer, then the unembedding.',
+                 'RMSNorm each vector over its own last axis (eps inside the square root), multiply '
+                 'by gamma, then project with the unembedding matrix (mind its orientation).'),
           cases=_decode_cases, rtol=1e-4, atol=1e-4,
           hint="For each vector h (the last axis): h / sqrt(mean(h**2) + eps) * gamma, then @ W_U.T. Use "
                "keepdim=True so the scale broadcasts, and compute it from every layer's own h.")
@@ -141,6 +149,12 @@ def logit_lens(residuals: torch.Tensor, gamma: torch.Tensor, W_U: torch.Tensor, 
 
 def _rms(x: torch.Tensor, eps: float, dim: int = -1) -> torch.Tensor:
     return torch.sqrt(x.pow(2).mean(dim, keepdim=True) + eps)
+
+
+@mistake("lens.logit_lens", "eps added outside the square root",
+         "RMSNorm adds eps to the mean square INSIDE the square root: sqrt(mean(h^2) + eps).")
+def _lens_eps_outside(residuals, gamma, W_U, eps):
+    return residuals / (residuals.pow(2).mean(-1, keepdim=True).sqrt() + eps) * gamma @ W_U.T
 
 
 @mistake("lens.logit_lens", "final norm forgotten",
@@ -200,12 +214,23 @@ def _top_cases() -> list[Case]:
 
 
 @exercise("lens.top_tokens", title="The k most likely tokens at every layer and position", cases=_top_cases,
+          hints=("Turn each position's logits into a distribution over the vocabulary first, then "
+                 'pick the most likely tokens.',
+                 'softmax over the last (vocabulary) axis, then topk along that axis; return '
+                 '(probabilities, ids), largest first.'),
           hint="probs = logits.softmax(dim=-1) (over the vocabulary), then probs.topk(k, dim=-1) gives "
                "(values, indices), largest first: return them as (probs, ids).")
 def top_tokens(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [..., V] -> (probs [..., k], ids [..., k]), most likely first."""
     probs, ids = logits.softmax(-1).topk(k, -1)
     return probs, ids
+
+
+@mistake("lens.top_tokens", "softmax over the top k logits only",
+         "The probabilities are over the WHOLE vocabulary: softmax first, then keep the top k.")
+def _top_renormalised(logits, k):
+    values, ids = logits.topk(k, dim=-1)
+    return values.softmax(-1), ids
 
 
 @mistake("lens.top_tokens", "softmax missing: logits returned instead of probabilities",
@@ -240,15 +265,35 @@ def _kl_cases() -> list[Case]:
         Case("4 layers, 5 positions, 12 tokens", (torch.randn(4, 5, 12, generator=g),)),
         Case("sharp distributions, 50 tokens", (4 * torch.randn(3, 6, 50, generator=g),)),
         Case("2 layers, one position", (torch.randn(2, 1, 6, generator=g),)),
+        Case("extreme logits: some probabilities underflow to 0", (300 * torch.randn(3, 4, 10, generator=g),)),
     ]
 
 
 @exercise("lens.kl_to_final", title="KL from the final layer's distribution, per layer", cases=_kl_cases,
+          hints=('KL is not symmetric: check which distribution is the reference, and over which axes'
+                 ' you sum and average.',
+                 'Work with log-softmax over the vocabulary; KL(p_L || p_l) weights the log-ratio by '
+                 "the FINAL layer's probabilities; sum over the vocabulary, then average over "
+                 'positions.'),
           hint="logp = logits.log_softmax(-1); p_L = logp[-1].exp(); KL_l = sum over the vocabulary of "
                "p_L * (logp[-1] - logp[l]); then the mean over positions: [L+1].")
 def kl_to_final(logits: torch.Tensor) -> torch.Tensor:
     """logits: [L+1, T, V] -> [L+1]: KL(p_L || p_l), averaged over the T positions."""
     return L.kl_to_final(logits).mean(-1)
+
+
+@mistake("lens.kl_to_final", "compared with the first layer",
+         "The reference distribution is the FINAL layer's, logits[-1]: every layer is compared with it.")
+def _kl_first(logits):
+    logp = logits.log_softmax(-1)
+    return (logp[0].exp() * (logp[0] - logp)).sum(-1).mean(-1)
+
+
+@mistake("lens.kl_to_final", "log of the softmax (underflows to log 0)",
+         "log(softmax(x)) is -inf where a probability underflows to 0; log_softmax stays finite.")
+def _kl_log_softmax(logits):
+    p = logits.softmax(-1)
+    return (p[-1] * (p[-1].log() - p.log())).sum(-1).mean(-1)
 
 
 @mistake("lens.kl_to_final", "KL arguments swapped",
@@ -297,15 +342,33 @@ def _rank_cases() -> list[Case]:
         Case("5 layers, 30 tokens, target 7", (torch.randn(5, 30, generator=g), 7)),
         Case("an answer that climbs to the top", (climbing, 42)),
         Case("1 layer, 4 tokens, target 0", (torch.randn(1, 4, generator=g), 0)),
+        Case("tied logits (scores rounded to integers)", ((2 * torch.randn(4, 20, generator=g)).round(), 3)),
     ]
 
 
 @exercise("lens.answer_rank", title="Rank of the answer at every layer", cases=_rank_cases,
+          hints=('The rank is a count: how many tokens beat the answer at that layer?',
+                 "Compare every logit of a layer with that layer's own logit of the target, count the"
+                 ' strictly larger ones, and return int64 counts.'),
           hint="Take the target's own logit, logits[:, target:target+1] (keep the axis), and count the tokens "
                "strictly above it: (logits > own).sum(-1). Rank 0 means top-1.")
 def answer_rank(logits: torch.Tensor, target: int) -> torch.Tensor:
     """logits: [L+1, V], target: a token id -> [L+1] int64: how many tokens score higher (0 = top-1)."""
     return L.target_rank(logits, target)
+
+
+@mistake("lens.answer_rank", "position in a sorted order (ties counted as higher)",
+         "With ties, a position in a sorted list depends on the tie order: count the tokens STRICTLY above "
+         "the answer instead.")
+def _rank_argsort(logits, target):
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
+    return (order == target).nonzero()[:, 1]
+
+
+@mistake("lens.answer_rank", "the final layer's logit as the bar for every layer",
+         "Compare each layer with ITS OWN logit of the answer, logits[l, target].")
+def _rank_final_bar(logits, target):
+    return (logits > logits[-1, target]).sum(-1)
 
 
 @mistake("lens.answer_rank", "counted the target itself (>= instead of >)",
@@ -339,6 +402,10 @@ def _ce_cases() -> list[Case]:
 
 
 @exercise("lens.cross_entropy", title="Next-token cross-entropy of every layer", cases=_ce_cases,
+          hints=('At position t the model predicts the NEXT token; line up predictions and targets '
+                 'before scoring.',
+                 'Use log-softmax over the vocabulary at positions 0..T-2, pick the log-probability '
+                 'of ids[1:], negate, and average over positions: one number per layer.'),
           hint="Position t predicts token t+1: logp = logits[:, :-1].log_softmax(-1); pick logp at ids[1:] "
                "(gather on the last axis); minus the mean over positions: [L+1].")
 def cross_entropy(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -348,6 +415,20 @@ def cross_entropy(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def _ce(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return -logp.gather(-1, ids.expand(logp.shape[0], -1)[..., None])[..., 0]
+
+
+@mistake("lens.cross_entropy", "every position scored against its own token",
+         "Position t predicts token t+1: drop the last position's logits and the first token.")
+def _ce_no_shift_all(logits, ids):
+    logp = logits.log_softmax(-1)
+    return -logp.gather(-1, ids.expand(logp.shape[0], -1)[..., None])[..., 0].mean(-1)
+
+
+@mistake("lens.cross_entropy", "softmax over the layers",
+         "The distribution is over the vocabulary, the LAST axis, not over the layers.")
+def _ce_layers(logits, ids):
+    logp = logits.log_softmax(0)[:, :-1]
+    return -logp.gather(-1, ids[1:].expand(logp.shape[0], -1)[..., None])[..., 0].mean(-1)
 
 
 @mistake("lens.cross_entropy", "off by one: scored against the current token, not the next",
@@ -390,6 +471,10 @@ def _kurtosis_cases() -> list[Case]:
 
 
 @exercise("lens.excess_kurtosis", title="Heavy tails: excess kurtosis of each residual's coordinates",
+          hints=('Kurtosis compares the fourth moment with the squared second moment, of each '
+                 "vector's own coordinates.",
+                 'Centre each vector on its own mean over the last axis; use population moments '
+                 '(divide by d); subtract the Gaussian value 3.'),
           cases=_kurtosis_cases, rtol=1e-3, atol=1e-3,
           hint="Over the LAST axis (the d coordinates of one vector): c = h - h.mean(-1, keepdim=True), "
                "m2 = (c**2).mean(-1), m4 = (c**4).mean(-1), and return m4 / m2**2 - 3 (population moments: "
@@ -397,6 +482,13 @@ def _kurtosis_cases() -> list[Case]:
 def excess_kurtosis(residuals: torch.Tensor) -> torch.Tensor:
     """residuals: [..., d] -> [...]: E[(h - mean)^4] / Var^2 - 3 over each vector's d coordinates."""
     return L.excess_kurtosis(residuals)
+
+
+@mistake("lens.excess_kurtosis", "centred on the mean of the whole tensor",
+         "Each vector is centred on its OWN mean over its d coordinates (keepdim on the last axis).")
+def _kurt_global_mean(residuals):
+    c = residuals - residuals.mean()
+    return (c ** 4).mean(-1) / (c ** 2).mean(-1) ** 2 - 3
 
 
 @mistake("lens.excess_kurtosis", "plain kurtosis: 3 not subtracted",
@@ -446,11 +538,28 @@ def _translate_cases() -> list[Case]:
 
 
 @exercise("lens.translate", title="The tuned lens's affine translator", cases=_translate_cases,
+          hints=('The translator is a residual correction: with zero weights it must leave h '
+                 'unchanged.',
+                 'Add to h an affine function of h: the matrix acts on each vector of the last axis '
+                 '(row vectors, so mind the transpose), plus the bias.'),
           hint="h + h @ weight.T + bias: the translator is a residual correction, so that weight = 0 and "
                "bias = 0 leave h unchanged (the tuned lens starts as the logit lens).")
 def translate(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """h: [..., d], weight A: [d, d], bias b: [d] -> h + A h + b, [..., d]."""
     return L.translate(h, weight, bias)
+
+
+@mistake("lens.translate", "bias added before the matrix",
+         "The bias is added after the matrix: A h + b, not A (h + b).")
+def _translate_bias_inside(h, weight, bias):
+    return h + (h + bias) @ weight.T
+
+
+@mistake("lens.translate", "h updated in place",
+         "`h += ...` overwrites the caller's residuals: return h + ... as a new tensor.")
+def _translate_in_place(h, weight, bias):
+    h += h @ weight.T + bias
+    return h
 
 
 @mistake("lens.translate", "the skip connection (h +) is missing",
@@ -497,11 +606,22 @@ def _induction_cases() -> list[Case]:
 
 
 @exercise("lens.induction_score", title="Induction score of every head", cases=_induction_cases,
+          hints=('An induction head, at the second copy of a token, attends to the token that '
+                 'FOLLOWED its first copy.',
+                 'Only queries in the second half; for query t the key is t - half + 1; average those'
+                 ' attention weights.'),
           hint="For the queries t = half, ..., 2*half-1 (the second copy) take pattern[..., t, t - half + 1], "
                "the token AFTER the first occurrence, and average over those queries.")
 def induction_score(pattern: torch.Tensor, half: int) -> torch.Tensor:
     """pattern: [..., T, T] (query rows, key columns), T = 2*half -> [...]: the mean induction attention."""
     return L.induction_score(pattern, half)
+
+
+@mistake("lens.induction_score", "previous-token attention",
+         "A previous-token head looks at t - 1; an induction head looks at the token after the FIRST "
+         "occurrence, t - half + 1.")
+def _induction_previous(pattern, half):
+    return torch.stack([pattern[..., t, t - 1] for t in range(half, 2 * half)], -1).mean(-1)
 
 
 @mistake("lens.induction_score", "attention to the previous occurrence itself (a duplicate-token head)",

@@ -62,6 +62,10 @@ def _moment_cases() -> list[Case]:
 
 
 @exercise("moments.class_moments", title="Streaming class-conditional means and covariances",
+          hints=('Stream the data: keep running per-class sums you can combine at the end, in enough '
+                 'precision for values near 1000.',
+                 'Per class keep the count, the sum of x and the sum of outer products, in float64; '
+                 'at the end form the mean and the unbiased (n_c - 1) covariance.'),
           cases=_moment_cases, compare=_strict_dtype,
           hint="Keep, per class, the count n_c, the sum of x and the sum of outer products x x^T, in float64 "
                "(x.double()). At the end: mu_c = sum / n_c and Sigma_c = (sum_xx - n_c mu_c mu_c^T) / (n_c - 1).")
@@ -100,6 +104,41 @@ def _streaming(batches, num_classes, *, center=True, ddof=1, dtype=torch.float64
     else:
         cov = ss / (n - ddof)[:, None, None]
     return mu.double(), cov.double()
+
+
+def _moments_variant(batches, num_classes, *, first_only=False, global_centre=False, batch_means=False):
+    batches = list(batches)[:1] if first_only else list(batches)
+    xs = torch.cat([x for x, _ in batches]).double()
+    ys = torch.cat([y for _, y in batches])
+    means, covs = [], []
+    centre_all = xs.mean(0)
+    for c in range(num_classes):
+        xc = xs[ys == c]
+        mu = xc.mean(0)
+        d = xc - (centre_all if global_centre else mu)
+        covs.append(d.T @ d / (len(xc) - 1))
+        if batch_means:
+            mu = torch.stack([x.double()[y == c].mean(0) for x, y in batches if (y == c).any()]).mean(0)
+        means.append(mu)
+    return torch.stack(means), torch.stack(covs)
+
+
+@mistake("moments.class_moments", "the mean of the per-batch means",
+         "Batches have different sizes and class counts: accumulate sums and counts, and divide once at the end.")
+def _moments_batch_means(batches, num_classes):
+    return _moments_variant(batches, num_classes, batch_means=True)
+
+
+@mistake("moments.class_moments", "covariance around the overall mean",
+         "Each class's covariance is around ITS OWN mean mu_c.")
+def _moments_global_centre(batches, num_classes):
+    return _moments_variant(batches, num_classes, global_centre=True)
+
+
+@mistake("moments.class_moments", "only the first batch counted",
+         "Accumulate over EVERY batch of the iterable before finishing.")
+def _moments_first_batch(batches, num_classes):
+    return _moments_variant(batches, num_classes, first_only=True)
 
 
 @mistake("moments.class_moments", "centring forgotten (the second moment E[x x^T], not the covariance)",
@@ -150,11 +189,27 @@ def _shift_cases() -> list[Case]:
 
 
 @exercise("moments.mean_shift", title="First-order edit: shift the class mean", cases=_shift_cases,
+          hints=('Move the source mean onto the target mean, and keep the result a valid image.',
+                 'Add the difference target mean minus source mean to every vector, then clamp to [0,'
+                 ' 1].'),
           compare=_loose_dtype,
           hint="x + mu_t - mu_s, then .clamp(0, 1) so that the result is still a valid image.")
 def mean_shift(x: torch.Tensor, mu_s: torch.Tensor, mu_t: torch.Tensor) -> torch.Tensor:
     """x: [N, d] in [0, 1]; mu_s, mu_t: [d] -> [N, d], x + mu_t - mu_s clamped to [0, 1]."""
     return M.mean_shift(x, mu_s, mu_t)
+
+
+@mistake("moments.mean_shift", "rescaled to [0, 1] instead of clamped",
+         "Rescaling changes every pixel; clamp only the values that left [0, 1].")
+def _shift_rescaled(x, mu_s, mu_t):
+    y = x + mu_t - mu_s
+    return (y - y.min()) / (y.max() - y.min())
+
+
+@mistake("moments.mean_shift", "clamped below only",
+         "Clamp on both sides: pixel values above 1 are invalid too.")
+def _shift_clamp_min(x, mu_s, mu_t):
+    return (x + mu_t - mu_s).clamp(min=0)
 
 
 @mistake("moments.mean_shift", "sources and targets swapped",
@@ -196,12 +251,29 @@ def _sqrt_cases() -> list[Case]:
 
 
 @exercise("moments.sqrtm_psd", title="The symmetric square root of a covariance", cases=_sqrt_cases,
+          hints=('The symmetric square root acts on the eigenvalues, not on the entries.',
+                 'Diagonalise with eigh, take square roots of the eigenvalues (clamped at 0 against '
+                 'round-off), and rebuild with the same eigenvectors on both sides; it must work for '
+                 'a batch.'),
           compare=_loose_dtype,
           hint="evals, V = torch.linalg.eigh(mat); return V @ diag(sqrt(evals.clamp(min=0))) @ V^T, "
                "written batch-friendly as (V * root[..., None, :]) @ V.transpose(-1, -2).")
 def sqrtm_psd(mat: torch.Tensor) -> torch.Tensor:
     """mat: symmetric PSD [..., d, d] -> its symmetric square root [..., d, d]."""
     return M.sqrtm_psd(mat)
+
+
+@mistake("moments.sqrtm_psd", "eigenvectors on both sides without a transpose (V diag V)",
+         "Rebuild as V diag(root) V^T: the second factor is the TRANSPOSE of V.")
+def _sqrt_no_transpose(mat):
+    evals, vecs = torch.linalg.eigh(mat)
+    return (vecs * evals.clamp(min=0).sqrt()[..., None, :]) @ vecs
+
+
+@mistake("moments.sqrtm_psd", "the square roots of the eigenvalues only",
+         "The eigenvalues' roots must be put back in the eigenvector basis: V diag(root) V^T.")
+def _sqrt_evals_only(mat):
+    return torch.diag_embed(torch.linalg.eigvalsh(mat).clamp(min=0).sqrt())
 
 
 @mistake("moments.sqrtm_psd", "a Cholesky factor (a square root, but not the symmetric one)",
@@ -262,12 +334,30 @@ def _map_is_symmetric(answer, **_: object) -> str | None:
 
 
 @exercise("moments.monge_map", title="The Gaussian Monge map", cases=_monge_cases, compare=_loose_dtype,
+          hints=('The optimal map between centred Gaussians is symmetric and sends the source '
+                 "covariance to the target's; it is built from symmetric square roots.",
+                 'Sandwich the target covariance between symmetric square roots of the source, take '
+                 'the square root of that, and sandwich the result between inverse square roots of '
+                 'the source.'),
           validate=_map_is_symmetric,
           hint="With S = cov_s, T = cov_t: A = S^{-1/2} (S^{1/2} T S^{1/2})^{1/2} S^{-1/2}, every root the "
                "symmetric one (sqrtm / inv_sqrtm).")
 def monge_map(cov_s: torch.Tensor, cov_t: torch.Tensor) -> torch.Tensor:
     """cov_s, cov_t: SPD [d, d] -> A [d, d], the optimal map N(0, cov_s) -> N(0, cov_t)."""
     return M.monge_map(cov_s, cov_t)
+
+
+@mistake("moments.monge_map", "element-wise ratio of the covariances",
+         "Only diagonal covariances allow an entry-by-entry formula; in general you need matrix square roots.")
+def _monge_ratio(cov_s, cov_t):
+    return (cov_t / cov_s).abs().sqrt()
+
+
+@mistake("moments.monge_map", "S^{-1} on one side only",
+         "The formula is symmetric: S^{-1/2} on BOTH sides of the middle square root.")
+def _monge_one_side(cov_s, cov_t):
+    rs = M.sqrtm_psd(cov_s)
+    return torch.linalg.inv(cov_s) @ M.sqrtm_psd(rs @ cov_t @ rs)
 
 
 @mistake("moments.monge_map", "a Cholesky factor used as the square root",
@@ -320,12 +410,33 @@ def _edit_cases() -> list[Case]:
 
 
 @exercise("moments.gaussian_edit", title="Second-order edit: apply the Monge map", cases=_edit_cases,
+          hints=('Three steps, in this order: relative to the source, transform, then relative to the'
+                 ' target.',
+                 'Subtract the source mean, apply A (row vectors), add the target mean; no clamping.'),
           compare=_loose_dtype,
           hint="Centre on the source mean, map, move to the target mean: mu_t + (x - mu_s) @ A "
                "(A is symmetric, so A^T = A).")
 def gaussian_edit(x: torch.Tensor, mu_s: torch.Tensor, mu_t: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """x: [N, d]; mu_s, mu_t: [d]; A: symmetric [d, d] -> [N, d], mu_t + A (x - mu_s) for each row."""
     return M.gaussian_edit(x, mu_s, mu_t, A)
+
+
+@mistake("moments.gaussian_edit", "centred after mapping",
+         "Subtract mu_s BEFORE applying A: A acts on the deviation from the source mean.")
+def _edit_centre_after(x, mu_s, mu_t, A):
+    return mu_t + x @ A - mu_s
+
+
+@mistake("moments.gaussian_edit", "moved back to the source mean",
+         "After the map, add the TARGET mean mu_t.")
+def _edit_source_mean(x, mu_s, mu_t, A):
+    return mu_s + (x - mu_s) @ A
+
+
+@mistake("moments.gaussian_edit", "clamped to [0, 1]",
+         "This edit works on features, not on pixels: do not clamp.")
+def _edit_clamped(x, mu_s, mu_t, A):
+    return (mu_t + (x - mu_s) @ A).clamp(0, 1)
 
 
 @mistake("moments.gaussian_edit", "centring forgotten (A applied to x, not to x - mu_s)",
@@ -368,11 +479,27 @@ def _psnr_cases() -> list[Case]:
 
 
 @exercise("moments.psnr", title="How big is an edit? PSNR", cases=_psnr_cases, compare=_loose_dtype,
+          hints=('PSNR is a log of the ratio of the peak power to the error power, one number per '
+                 'image.',
+                 "Mean squared difference over each image's channels and pixels; peak 1 for images in"
+                 ' [0, 1]; 10 times the base-10 log of peak^2 / mse.'),
           hint="Per image: mse = ((x - y) ** 2).flatten(1).mean(1); psnr = 10 * torch.log10(1 / mse) "
                "(the peak value is 1 for images in [0, 1]).")
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x, y: images [N, 3, H, W] in [0, 1] -> [N], 10 log10(1 / mean squared difference) per image, in dB."""
     return M.psnr(x, y)
+
+
+@mistake("moments.psnr", "20 log10 of a power ratio",
+         "20 log10 is for amplitude ratios; 1 / MSE is a POWER ratio, which takes 10 log10.")
+def _psnr_20(x, y):
+    return 20 * torch.log10(1 / ((x - y) ** 2).flatten(1).mean(1))
+
+
+@mistake("moments.psnr", "sum of squared differences, not the mean",
+         "Use the MEAN squared error over each image's entries, so that PSNR does not depend on the image size.")
+def _psnr_sum(x, y):
+    return 10 * torch.log10(1 / ((x - y) ** 2).flatten(1).sum(1))
 
 
 @mistake("moments.psnr", "peak 255 for images in [0, 1]",

@@ -20,12 +20,34 @@ def _flatten_cases() -> list[Case]:
 
 
 @exercise("orientation.flatten_images", title="Flatten images into vectors with rearrange",
+          hints=('Think about which axes stay separate in the output and which are merged into one, '
+                 'and in what order the merged ones must be read.',
+                 'Keep b as it is and merge c, h and w into one axis, channel first: the order inside'
+                 ' the merged group is the order the entries are read.'),
           cases=_flatten_cases,
           hint="Use rearrange(images, 'b c h w -> b (c h w)'): the grouping (c h w) keeps channel-major order, "
                "as .reshape(b, -1) does.")
 def flatten_images(images: torch.Tensor) -> torch.Tensor:
     """images: [b, c, h, w] -> [b, c*h*w], channel-major (the order `.reshape(b, -1)` gives)."""
     return rearrange(images, "b c h w -> b (c h w)")
+
+
+@mistake("orientation.flatten_images", "h and w swapped inside the group",
+         "Inside the merged group the order is the reading order: c, then h (rows), then w (columns).")
+def _flat_wh(images):
+    return rearrange(images, "b c h w -> b (c w h)")
+
+
+@mistake("orientation.flatten_images", "batch and channel swapped before reshaping",
+         "Moving axes and then reshaping mixes images together: keep the batch axis first and untouched.")
+def _flat_bc(images):
+    return images.transpose(0, 1).reshape(images.shape[0], -1)
+
+
+@mistake("orientation.flatten_images", "the channel axis kept apart",
+         "The output is 2-D: the channel axis must be merged with h and w, not kept separate.")
+def _flat_keep_c(images):
+    return images.flatten(2)
 
 
 @mistake("orientation.flatten_images", "channels last in the flattened order",
@@ -51,10 +73,26 @@ def _channel_cases() -> list[Case]:
 
 
 @exercise("orientation.channel_means", title="Per-channel mean with reduce", cases=_channel_cases,
+          hints=('The output keeps only the channel axis: every other axis must be averaged away, the'
+                 ' batch included.',
+                 "One mean per channel over b, h and w together: reduce with 'mean' to the pattern "
+                 'that keeps only c.'),
           hint="reduce(images, 'b c h w -> c', 'mean') averages over every axis that the output pattern drops.")
 def channel_means(images: torch.Tensor) -> torch.Tensor:
     """images: [b, c, h, w] -> [c], the mean of each channel over the batch and all pixels."""
     return reduce(images, "b c h w -> c", "mean")
+
+
+@mistake("orientation.channel_means", "max instead of mean",
+         "The reduction asked for is the mean; 'max' keeps only the brightest value.")
+def _means_max(images):
+    return reduce(images, "b c h w -> c", "max")
+
+
+@mistake("orientation.channel_means", "the first image only",
+         "Every image of the batch counts: average over the batch axis too, not just images[0].")
+def _means_first(images):
+    return images[0].mean(dim=(1, 2))
 
 
 @mistake("orientation.channel_means", "averaged over the batch only",
@@ -86,11 +124,34 @@ def _grid_cases() -> list[Case]:
 
 
 @exercise("orientation.image_grid", title="Tile a batch into a grid with rearrange", cases=_grid_cases,
+          hints=('The batch axis has to be split into two grid axes; each must end up next to the '
+                 'image axis it tiles.',
+                 'Split b into (rows, cols), row index first; put the row index just before h and the'
+                 ' column index just before w, channels first.'),
           hint="Split the batch into (rows cols) and put each next to its image axis: "
                "'(gh gw) c h w -> c (gh h) (gw w)' with gh=rows.")
 def image_grid(images: torch.Tensor, rows: int) -> torch.Tensor:
     """images: [rows*cols, c, h, w] -> [c, rows*h, cols*w], filled row by row."""
     return rearrange(images, "(gh gw) c h w -> c (gh h) (gw w)", gh=rows)
+
+
+@mistake("orientation.image_grid", "a plain reshape without moving axes",
+         "A reshape cannot put images side by side: the grid axes must first be moved next to h and w.")
+def _grid_reshape(images, rows):
+    n, c, h, w = images.shape
+    return images.permute(1, 0, 2, 3).reshape(c, rows * h, (n // rows) * w)
+
+
+@mistake("orientation.image_grid", "rows used as the number of columns",
+         "`rows` is the number of grid ROWS, the first factor of the batch split.")
+def _grid_rows_cols(images, rows):
+    return rearrange(images, "(gh gw) c h w -> c (gh h) (gw w)", gw=rows)
+
+
+@mistake("orientation.image_grid", "channels last",
+         "The grid is channel-first, [c, rows*h, cols*w], like the images themselves.")
+def _grid_channels_last(images, rows):
+    return rearrange(images, "(gh gw) c h w -> (gh h) (gw w) c", gh=rows)
 
 
 @mistake("orientation.image_grid", "pixels interleaved between images",
@@ -117,12 +178,28 @@ def _score_cases() -> list[Case]:
 
 
 @exercise("orientation.attention_scores", title="Scaled dot-product scores with einsum", cases=_score_cases,
+          hints=('Each score is a dot product between one query and one key of the same batch item, '
+                 'then scaled.',
+                 'Contract the shared feature axis d, keep b, the query axis and the key axis in that'
+                 ' order, and divide by the square root of d.'),
           hint="einsum('b q d, b k d -> b q k', q, k) / d ** 0.5: contract the shared d, keep b, q and k.")
 def attention_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """q: [b, n_q, d], k: [b, n_k, d] -> [b, n_q, n_k], each dot product divided by sqrt(d)."""
     from einops import einsum
 
     return einsum(q, k, "b q d, b k d -> b q k") / q.shape[-1] ** 0.5
+
+
+@mistake("orientation.attention_scores", "softmax applied",
+         "Scores are the scaled dot products BEFORE any softmax; the attention weights come later.")
+def _scores_softmax(q, k):
+    return (torch.einsum("bqd,bkd->bqk", q, k) / q.shape[-1] ** 0.5).softmax(-1)
+
+
+@mistake("orientation.attention_scores", "multiplied by sqrt(d)",
+         "The scale shrinks the dot products: divide by sqrt(d), do not multiply.")
+def _scores_times(q, k):
+    return torch.einsum("bqd,bkd->bqk", q, k) * q.shape[-1] ** 0.5
 
 
 @mistake("orientation.attention_scores", "the 1/sqrt(d) scale is missing",
@@ -180,11 +257,15 @@ def _no_hooks_left(answer, **_: object) -> str | None:
 
 
 @exercise("orientation.capture_activations", title="Capture activations with forward hooks",
+          hints=("A forward hook sees each module's output as the model runs; collect those, then "
+                 'clean up every hook.',
+                 "One hook per requested name, each storing the module's output (detached) under its "
+                 'OWN name; run the model once; remove every handle, even on an error.'),
           cases=_hook_cases, validate=_no_hooks_left,
           hint="For each name, register_forward_hook on dict(model.named_modules())[name] with a hook "
                "(module, inputs, output) that stores output.detach(); run model(x); remove every handle.")
 def capture_activations(model: nn.Module, layer_names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Run `model(x)` once and return {name: that module's output} for every name in `layer_names`.
+    """Run `model(x)` once and return {name: that module's output, detached} for every name in `layer_names`.
 
     No hook may stay registered afterwards.
     """
@@ -202,6 +283,29 @@ def capture_activations(model: nn.Module, layer_names: list[str], x: torch.Tenso
         for h in handles:
             h.remove()
     return acts
+
+
+@mistake("orientation.capture_activations", "a list instead of a dict",
+         "Return a dict keyed by the layer NAMES, so that the caller can look each one up.")
+def _capture_list(model, layer_names, x):
+    out = []
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(lambda m, i, o: out.append(o.detach())) for n in layer_names]
+    model(x)
+    for h in handles:
+        h.remove()
+    return out
+
+
+@mistake("orientation.capture_activations", "hooked the whole model",
+         "Hook the named submodule (dict(model.named_modules())[name]), not the model itself.")
+def _capture_model(model, layer_names, x):
+    out = {}
+    handles = [model.register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o.detach())) for n in layer_names]
+    model(x)
+    for h in handles:
+        h.remove()
+    return out
 
 
 @mistake("orientation.capture_activations", "stored the module's input instead of its output",
