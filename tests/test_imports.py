@@ -100,6 +100,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("methods", ("course_utils.gradcam", "course_utils.lens", "course_utils.moments", "course_utils.erasure",
                  "course_utils.saliency_checks", "course_utils.lens_experiment", "course_utils.erasure_cifar")),
     ("teaching", ("course_utils.checks", "course_utils.claims", "course_utils.exercises", "course_utils.grade",
+                  "course_utils.answers", "course_utils.sandbox", "course_utils.verdict",
                   "course_utils.build", "course_utils.viz")),
 ]
 
