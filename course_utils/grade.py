@@ -309,7 +309,7 @@ def _sandbox_env(home: Path) -> dict[str, str]:
     from course_utils.config import CFG
 
     env = {k: v for k, v in os.environ.items() if k != "COURSE_GRADE_LOG"}
-    _farm(CFG.cache_dir, home / "cache", 0, skip=("results",))
+    _farm(CFG.cache_dir, home / "cache", 8, skip=("results",))
     _farm(CFG.results_dir, home / "results", 2)
     package_root = str(Path(__file__).resolve().parent.parent)
     env.update(HOME=str(home), JUPYTER_RUNTIME_DIR=str(home / "jupyter"), IPYTHONDIR=str(home / "ipython"),

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 TAG = "COURSE_SANDBOX_TAG"
 _LIVE: set[int] = set()  # pids of the sandboxes running now (the fallback's orphan hunt spares them)
@@ -138,15 +139,15 @@ def _orphans() -> list[int]:
     return found
 
 
-def end_everything(tag: str, pgid: int) -> int:
-    """Kill the process group `pgid`, every process carrying `tag`, and every orphan we adopted;
-    returns how many processes were still there. Repeats until none is left (a fork bomb included)."""
+def end_everything(tag: str, pgid: int, orphans: bool = True) -> int:
+    """Kill the process group `pgid`, every process carrying `tag`, and (`orphans`) every orphan we
+    adopted; returns how many were still there. Repeats until none is left (a fork bomb included)."""
     left = 0
     for _ in range(50):
         with contextlib.suppress(OSError):
             os.killpg(pgid, signal.SIGKILL)
         with _LOCK:
-            pids = set(_tagged(tag)) | set(_orphans())
+            pids = set(_tagged(tag)) | set(_orphans() if orphans else [])
         pids.discard(os.getpid())
         if not pids:
             break
@@ -161,42 +162,54 @@ def end_everything(tag: str, pgid: int) -> int:
     return left
 
 
+def _exited(pid: int, timeout: float) -> bool:
+    """Wait up to `timeout` s for `pid` to exit, WITHOUT reaping it: while it is a zombie its pid
+    (and so its process group's id) cannot be reused, so killing the group later is safe."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _start(argv: list[str], scratch: Path, env: dict[str, str], limits: Limits, streams: dict[str, Any],
+           pass_fds: Sequence[int]) -> subprocess.Popen:
+    preexec = functools.partial(_preexec, limits, _processes_now() if os.geteuid() else 0)
+    with _LOCK:
+        proc = subprocess.Popen(argv, cwd=scratch, env=env, start_new_session=True, pass_fds=tuple(pass_fds),
+                                preexec_fn=preexec, **streams)
+        _LIVE.add(proc.pid)
+    return proc
+
+
 def run(argv: Sequence[str], *, scratch: Path, env: dict[str, str], timeout: float, limits: Limits = Limits(),
         hide: Sequence[Path] = (), read_only: Sequence[Path] = (), isolate: bool | None = None,
-        stdin: int | None = subprocess.DEVNULL, stdout: int | None = subprocess.DEVNULL,
-        stderr: int | None = subprocess.DEVNULL, input_bytes: bytes | None = None,
-        pass_fds: Sequence[int] = ()) -> Finished:
-    """Run `argv` in a sandbox whose only writable folder is `scratch` (also its working folder).
-
-    `isolate=None` uses bubblewrap when it works here; False forces the fallback. Never raises for
-    what the command does; when it ends (or after `timeout` seconds), nothing it started survives."""
+        stdout: int | None = subprocess.DEVNULL, stderr: int | None = subprocess.DEVNULL,
+        input_bytes: bytes | None = None, pass_fds: Sequence[int] = ()) -> Finished:
+    """Run `argv` in a sandbox whose only writable folder is `scratch` (also its working folder), with
+    `input_bytes` on its stdin. `isolate=None` uses bubblewrap when it works here; False forces the
+    fallback. Never raises for what the command does; when it ends (or after `timeout` seconds),
+    nothing it started survives."""
     bwrap = bubblewrap() if isolate in (None, True) else None
     if isolate and bwrap is None:
         raise RuntimeError(f"isolation was asked for, but {why_not_isolated()}")
     tag = uuid.uuid4().hex
-    env = {**env, TAG: tag}
     if bwrap is None:
         _become_subreaper()
     full = [*(_bwrap_argv(bwrap, scratch, hide, read_only) if bwrap else []), *argv]
     began = time.time()
-    with _LOCK:
-        proc = subprocess.Popen(full, cwd=scratch, env=env, stdin=subprocess.PIPE if input_bytes is not None else stdin,
-                                stdout=stdout, stderr=stderr, start_new_session=True, pass_fds=tuple(pass_fds),
-                                preexec_fn=functools.partial(_preexec, limits, _processes_now()))
-        _LIVE.add(proc.pid)
-    timed_out = False
+    streams = {"stdin": subprocess.PIPE if input_bytes is not None else subprocess.DEVNULL,
+               "stdout": stdout, "stderr": stderr}
+    proc = _start(full, scratch, {**env, TAG: tag}, limits, streams, pass_fds)
     try:
         if input_bytes is not None and proc.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.stdin.write(input_bytes)
                 proc.stdin.close()
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+        timed_out = not _exited(proc.pid, timeout)
     finally:
-        end_everything(tag, proc.pid)
-        with contextlib.suppress(OSError):
-            proc.kill()
+        end_everything(tag, proc.pid, orphans=bwrap is None)
         proc.wait()
         with _LOCK:
             _LIVE.discard(proc.pid)
