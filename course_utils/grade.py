@@ -362,7 +362,7 @@ def _jobs(found: dict[str, A.Answer], s: Settings) -> list[dict[str, Any]]:
     for ans in found.values():
         if ans.problem or ans.cheat:
             continue
-        jobs.append({"name": ans.name, "target": ans.target, "parts": ans.parts, "timeout": s.cell_timeout})
+        jobs.append({"name": ans.name, "target": ans.target, "parts": ans.parts, "timeout": 2 * s.cell_timeout})
     return jobs
 
 
@@ -395,7 +395,7 @@ def _run_checks(found: dict[str, A.Answer], work: Path, s: Settings) -> dict[str
     argv = [sys.executable, "-m", "course_utils.verdict"]
     with open(work / "check-stderr.txt", "wb") as fh:
         sandbox.run(argv, scratch=check_dir, env=_sandbox_env(check_dir / ".home"),
-                    timeout=120 + s.cell_timeout * len(jobs), limits=sandbox.Limits(memory=s.memory), hide=s.hide,
+                    timeout=120 + 2 * s.cell_timeout * len(jobs), limits=sandbox.Limits(memory=s.memory), hide=s.hide,
                     isolate=s.isolate, input_bytes=json.dumps(job).encode(), stderr=fh.fileno())
     return read_signed(check_dir / VERDICTS, key)
 

@@ -190,9 +190,19 @@ def check_one(job: dict[str, Any], scratch: Path, seed: int, values: dict[str, A
     return row
 
 
+def _preload(names: list[str]) -> None:
+    """Import torch and the exercises' modules before any time limit or watch: an import cut by
+    the alarm would break every later check."""
+    import torch  # noqa: F401
+
+    for name in names:
+        checks.get_exercise(name)
+
+
 def main() -> int:
     job = json.loads(sys.stdin.buffer.read(64 << 20))
     key, seed, scratch = bytes.fromhex(job["key"]), int(job["seed"]), Path.cwd()
+    _preload([a["name"] for a in job["answers"]])
     values = {}
     for name in job.get("values", []):
         values[name] = load_values(scratch / "values" / name.replace("/", "_"))
