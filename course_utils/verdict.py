@@ -190,19 +190,28 @@ def check_one(job: dict[str, Any], scratch: Path, seed: int, values: dict[str, A
     return row
 
 
-def _preload(names: list[str]) -> None:
-    """Import torch and the exercises' modules before any time limit or watch: an import cut by
-    the alarm would break every later check."""
+def _preload(jobs: list[dict[str, Any]]) -> None:
+    """Import torch and every exercise module the answers name before any time limit or watch: an
+    import cut by the alarm would break every later check, and a module's own registrations must
+    not read as the learner's calls."""
+    import importlib
+    import re
+
     import torch  # noqa: F401
 
-    for name in names:
-        checks.get_exercise(name)
+    from course_utils.exercises import NOTEBOOKS
+
+    text = "\n".join(t for job in jobs for _, t, _ in job["parts"])
+    topics = {job["name"].split(".", 1)[0] for job in jobs}
+    topics |= set(re.findall(r"course_utils\.exercises\.(\w+)", text)) & set(NOTEBOOKS.values())
+    for topic in sorted(topics):
+        importlib.import_module(f"course_utils.exercises.{topic}")
 
 
 def main() -> int:
     job = json.loads(sys.stdin.buffer.read(64 << 20))
     key, seed, scratch = bytes.fromhex(job["key"]), int(job["seed"]), Path.cwd()
-    _preload([a["name"] for a in job["answers"]])
+    _preload(job["answers"])
     values = {}
     for name in job.get("values", []):
         values[name] = load_values(scratch / "values" / name.replace("/", "_"))

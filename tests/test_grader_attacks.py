@@ -54,7 +54,7 @@ FORGE_LOG = f"""
 import glob, json, os
 names = {EX!r}
 targets = [os.environ.get("COURSE_GRADE_LOG"), "checks.jsonl", "progress.jsonl", "verdicts.jsonl",
-           "../check/verdicts.jsonl", *glob.glob("**/*.jsonl", recursive=True)]
+           "../check/verdicts.jsonl", *glob.glob("*.jsonl")]
 for t in filter(None, targets):
     try:
         with open(t, "a") as fh:
@@ -95,6 +95,8 @@ REFERENCE = {  # five ways to hand in the course's own answer
 FORGE_VERDICT = f"""
 def flatten_images(images):
     import json, os
+    if os.path.basename(os.getcwd()) != "check":  # behave in the notebook, attack in the grader's check
+        raise NotImplementedError("later")
     with open("verdicts.jsonl", "a") as fh:
         for n in {EX!r}:
             fh.write(json.dumps({{"name": n, "status": "passed", "message": "", "case": None, "mistake": None,
@@ -154,7 +156,7 @@ while True:
 
 PRINT = """
 import sys
-for _ in range(1500):
+for _ in range(500):
     sys.stdout.write("x" * 1_000_000)
 """
 
@@ -243,6 +245,13 @@ def test_answers_from_the_package_say_so(hostile):
     reasons = [e["reason"] for e in json.loads((out / "reference.json").read_text())["notebooks"][0]["exercises"]]
     assert all(answers.USES_REFERENCE in r or answers.REACHES_GRADER in r for r in reasons), reasons
     assert sum(answers.USES_REFERENCE in r for r in reasons) >= 3, reasons
+
+
+def test_a_forged_verdict_file_is_ignored(hostile):
+    out = hostile[3]
+    report = json.loads((out / "verdict_forger.json").read_text())["notebooks"][0]
+    assert report["score"] == 0 and report["exercises"][0]["status"] == "error", report["exercises"][0]
+    assert "did not finish" in report["exercises"][0]["reason"]
 
 
 def test_originals_and_other_learners_are_untouched(hostile):
