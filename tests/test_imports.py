@@ -102,6 +102,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                  "course_utils.attacks", "course_utils.pruning", "course_utils.anomaly", "course_utils.label_bugs",
                  "course_utils.ablation", "course_utils.toolbox")),
     ("teaching", ("course_utils.checks", "course_utils.claims", "course_utils.exercises", "course_utils.grade",
+                  "course_utils.answers", "course_utils.sandbox", "course_utils.verdict",
                   "course_utils.build", "course_utils.viz")),
 ]
 

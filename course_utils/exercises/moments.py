@@ -528,3 +528,54 @@ def _psnr_batch(x, y):
 def _psnr_rmse(x, y):
     rmse = ((x - y) ** 2).flatten(1).mean(1).sqrt()
     return 10 * torch.log10(1 / rmse)
+
+
+# --- hidden cases (the grader's only) -----------------------------------------------------------
+# Drawn by `python -m course_utils.grade` from a seed it keeps secret, with the generator `g`: the
+# learner's notebook never sees these inputs, so an answer cannot be fitted to the public cases.
+def _hidden_int(g: torch.Generator, low: int, high: int) -> int:
+    return int(torch.randint(low, high, (1,), generator=g))
+
+
+def _hidden_moments(g: torch.Generator) -> list[Case]:
+    c, d = _hidden_int(g, 2, 5), _hidden_int(g, 1, 6)
+    sizes = [3 * c + _hidden_int(g, 0, 5), _hidden_int(g, 4, 16), _hidden_int(g, 4, 16)]
+    return [Case("hidden: random batches", (_batches(g, sizes, d, c, 0.5, 0.1), c))]
+
+
+def _hidden_shift(g: torch.Generator) -> list[Case]:
+    n, d = _hidden_int(g, 1, 9), _hidden_int(g, 1, 9)
+    return [Case("hidden: random vectors", (torch.rand(n, d, generator=g), torch.rand(d, generator=g) * 0.6,
+                                            torch.rand(d, generator=g) * 0.6))]
+
+
+def _hidden_sqrt(g: torch.Generator) -> list[Case]:
+    return [Case("hidden: a random SPD matrix", (_spd(_hidden_int(g, 2, 7), g),))]
+
+
+def _hidden_monge(g: torch.Generator) -> list[Case]:
+    d = _hidden_int(g, 2, 7)
+    return [Case("hidden: random SPD source and target", (_spd(d, g), _spd(d, g, 2.0)))]
+
+
+def _hidden_edit(g: torch.Generator) -> list[Case]:
+    n, d = _hidden_int(g, 1, 9), _hidden_int(g, 2, 7)
+    A = M.monge_map(_spd(d, g), _spd(d, g, 2.0)).float()
+    mu_s, mu_t = 0.3 + 0.4 * torch.rand(d, generator=g), 0.3 + 0.4 * torch.rand(d, generator=g)
+    return [Case("hidden: random vectors and map", (torch.rand(n, d, generator=g), mu_s, mu_t, A))]
+
+
+def _hidden_psnr(g: torch.Generator) -> list[Case]:
+    n, h = _hidden_int(g, 1, 5), _hidden_int(g, 2, 9)
+    x = torch.rand(n, 3, h, h, generator=g)
+    return [Case("hidden: random images and noise", (x, (x + 0.1 * torch.randn(n, 3, h, h, generator=g)).clamp(0, 1)))]
+
+
+HIDDEN_CASES = {
+    "moments.class_moments": _hidden_moments,
+    "moments.mean_shift": _hidden_shift,
+    "moments.sqrtm_psd": _hidden_sqrt,
+    "moments.monge_map": _hidden_monge,
+    "moments.gaussian_edit": _hidden_edit,
+    "moments.psnr": _hidden_psnr,
+}

@@ -347,3 +347,47 @@ def _capture_late_binding(model, layer_names, x):
     for h in handles:
         h.remove()
     return acts
+
+
+# --- hidden cases (the grader's only) -----------------------------------------------------------
+# Drawn by `python -m course_utils.grade` from a seed it keeps secret, with the generator `g`: the
+# learner's notebook never sees these inputs, so an answer cannot be fitted to the public cases.
+def _hidden_sizes(g: torch.Generator, low: int = 1, high: int = 6, n: int = 4) -> list[int]:
+    return [int(v) for v in torch.randint(low, high, (n,), generator=g)]
+
+
+def _hidden_flatten(g: torch.Generator) -> list[Case]:
+    b, c, h, w = _hidden_sizes(g)
+    return [Case("hidden: a random batch", (torch.randn(b, c, h, w, generator=g),))]
+
+
+def _hidden_channel_means(g: torch.Generator) -> list[Case]:
+    b, c, h, w = _hidden_sizes(g)
+    return [Case("hidden: a random batch", (torch.rand(b, c, h, w, generator=g) * 10,))]
+
+
+def _hidden_grid(g: torch.Generator) -> list[Case]:
+    rows, cols, h, w = _hidden_sizes(g)
+    return [Case("hidden: a random grid", (torch.rand(rows * cols, 2, h, w, generator=g), rows))]
+
+
+def _hidden_scores(g: torch.Generator) -> list[Case]:
+    b, n_q, n_k, d = _hidden_sizes(g, high=7)
+    return [Case("hidden: random queries and keys", (torch.randn(b, n_q, d, generator=g),
+                                                      torch.randn(b, n_k, d, generator=g)))]
+
+
+def _hidden_hooks(g: torch.Generator) -> list[Case]:
+    names = ["conv1", "relu1", "conv2", "relu2", "pool", "flat", "fc"]
+    pick = [names[int(i)] for i in torch.randperm(len(names), generator=g)[:3]]
+    seed = int(torch.randint(0, 1000, (1,), generator=g))
+    return [Case("hidden: three random layers", (tiny_cnn(seed), pick, torch.randn(2, 3, 8, 8, generator=g)))]
+
+
+HIDDEN_CASES = {
+    "orientation.flatten_images": _hidden_flatten,
+    "orientation.channel_means": _hidden_channel_means,
+    "orientation.image_grid": _hidden_grid,
+    "orientation.attention_scores": _hidden_scores,
+    "orientation.capture_activations": _hidden_hooks,
+}
