@@ -181,12 +181,13 @@ def check_one(job: dict[str, Any], scratch: Path, seed: int, values: dict[str, A
     except BaseException as err:  # a learner's module-level code that raises, or exits
         return {**row, "status": "error", "message": f"your answer's cells raised {checks.describe_exception(err)}"}
     row.update(outcome.to_json())
+    row["message"] = outcome.diagnosis or outcome.message  # the report keeps the diagnosis, not the hints
     if hidden:
         row["hidden_total"] = len(hidden)
         row["hidden_passed"] = len(hidden) if extra and extra.passed else 0
         if extra and not extra.passed:
             row.update(status="failed", message=f"passes the notebook's cases but not the {len(hidden)} hidden "
-                                                f"case(s): {extra.message}", case=extra.case)
+                                                f"case(s): {extra.diagnosis or extra.message}", case=extra.case)
     return row
 
 

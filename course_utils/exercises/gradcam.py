@@ -142,7 +142,7 @@ def _hooked_run(model, layer, x, classes, keep="only", score=None, leak=False):
 
 
 def _ag(model, layer, x, select):
-    store = {"calls": 0}
+    store: dict[str, Any] = {"calls": 0}
 
     def hook(_m, _i, out):
         store["calls"] += 1
