@@ -4,8 +4,8 @@
 
 uv reads its own settings (UV_INDEX_URL, ...), not pip's. This reads pip's (`pip config list`, which covers the
 config files and the PIP_* environment variables) and passes each one on under uv's name. uv's index strategy
-is set to pip's (take the best match across all indexes). uv itself is taken from PATH, or installed with pip
-into this interpreter when it is missing.
+is set to pip's (take the best match across all indexes). uv itself is taken from beside this interpreter
+or from PATH, or installed with pip into this virtual environment when it is missing.
 """
 from __future__ import annotations
 
@@ -51,10 +51,14 @@ def uv_environment() -> dict[str, str]:
 
 
 def uv_executable() -> str:
-    """uv from PATH or beside this interpreter, else installed into this interpreter with pip."""
+    """uv beside this interpreter or on PATH, else installed with pip into this interpreter's virtual
+    environment (never into a system Python)."""
     here = os.path.join(os.path.dirname(sys.executable), "uv")
-    found = shutil.which("uv") or (here if os.path.exists(here) else None)
+    found = (here if os.path.exists(here) else None) or shutil.which("uv")
     if found is None:
+        if sys.prefix == sys.base_prefix:
+            sys.exit("uv is missing: run this with a virtual environment's Python (make does), "
+                     "or install uv (`pip install uv`)")
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "uv"], check=True)
         found = here
     return found
