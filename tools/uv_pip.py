@@ -40,11 +40,15 @@ def pip_settings() -> dict[str, str]:
     return found
 
 
-def uv_environment() -> dict[str, str]:
-    """The current environment plus pip's index settings under uv's names (ones already set are kept)."""
+def uv_environment(args: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
+    """The current environment plus pip's index settings under uv's names (ones already set are kept).
+
+    When `args` install a lock (`--require-hashes`), pip's constraint files are left out: the lock pins
+    every version already, and uv's hash mode refuses a constraint that is not an exact pin.
+    """
     env = dict(os.environ)
     for name, value in pip_settings().items():
-        if name in PIP_TO_UV:
+        if name in PIP_TO_UV and not (name == "constraint" and "--require-hashes" in args):
             env.setdefault(PIP_TO_UV[name], value)
     env.setdefault("UV_INDEX_STRATEGY", "unsafe-best-match")
     return env
@@ -65,5 +69,5 @@ def uv_executable() -> str:
 
 
 if __name__ == "__main__":
-    env = uv_environment()
+    env = uv_environment(sys.argv[1:])
     sys.exit(subprocess.run([uv_executable(), *sys.argv[1:]], env=env).returncode)
