@@ -76,7 +76,9 @@ def test_version(version: tuple[int, int], extra: list[str]) -> str:
     rc = run_suite(venv, extra)
     t2 = time.monotonic()
     outcome = "passed" if rc == 0 else f"FAILED (pytest exit {rc})"
-    return f"Python {label}: {outcome}; install {(t1 - t0) / 60:.1f} min, tests {(t2 - t1) / 60:.1f} min"
+    load = os.getloadavg()[1]
+    return (f"Python {label}: {outcome}; install {(t1 - t0) / 60:.1f} min, tests {(t2 - t1) / 60:.1f} min "
+            f"(load average {load:.1f} over the last 5 min)")
 
 
 def main(extra: list[str]) -> int:
