@@ -11,6 +11,8 @@ In a solution's code cell:
 - `# NBVAL_...` marker lines are dropped (they are for the test suite, not the learner).
 In a markdown cell, `<!-- BEGIN SOLUTION -->` … `<!-- END SOLUTION -->` becomes
 "*Your answer here.*". Every output and execution count is cleared.
+Before the first code cell goes the Colab set-up cell (`course_utils.colab`): on Colab it installs the
+course and fetches its data, elsewhere it does nothing.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import nbformat
+
+from course_utils import colab
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
@@ -139,12 +143,22 @@ def render(nb: nbformat.NotebookNode) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
+def with_setup_cell(nb: nbformat.NotebookNode, source: str) -> nbformat.NotebookNode:
+    """`nb` with a code cell `source` (the Colab set-up cell) before its first code cell."""
+    first = next((k for k, cell in enumerate(nb.cells) if cell.cell_type == "code"), len(nb.cells))
+    cell = nbformat.v4.new_code_cell(source)
+    cell.pop("id", None)
+    nb.cells.insert(first, cell)
+    return nb
+
+
 def plan(root: Path = ROOT) -> dict[Path, str]:
-    """Every learner notebook path and the text it should have."""
+    """Every learner notebook path and the text it should have (with the Colab set-up cell)."""
     wanted: dict[Path, str] = {}
+    setup = colab.setup_cell_source(root)
     for sol in sorted((root / "solutions").glob("*.ipynb")):
         nb = nbformat.read(sol, as_version=4)
-        wanted[root / "notebooks" / sol.name] = render(learner_version(nb, sol.name))
+        wanted[root / "notebooks" / sol.name] = render(with_setup_cell(learner_version(nb, sol.name), setup))
     return wanted
 
 

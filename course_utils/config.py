@@ -15,6 +15,7 @@ time they are used, so that tests (and a notebook cell) can change them on the f
 | `COURSE_CACHE_DIR` | `cache_dir` | the user cache (`~/.cache/course_utils` on Linux) | at use | Where downloads and derived data (decoded CIFAR-10, the dequantized LM) are kept. |
 | `COURSE_OFFLINE` | `offline` | off | at use | `1`: never use the network; only files already present and installed packages. |
 | `COURSE_ASSET_REGISTRY` | `asset_registry` | the built-in `assets/registry.json` | at import of `assets` | A JSON file that replaces the list of course files (tests, mirrors). |
+| `COURSE_ASSET_MIRROR` | `asset_mirror` | none | at use | The address (`http://`, `https://` or `file://`) of a folder laid out like `COURSE_DATA_DIR`, tried before each file's official source: a workshop's local server, or a copy of the offline bundle. |
 | `COURSE_GRADE_LOG` | `grade_log` | none | at use | A file that every exercise check appends its outcome to (the grader sets it). |
 | `COURSE_RESULT_CACHE` | `result_cache` | on | at use | `0`: compute every costly result again instead of loading it from the result cache (`course_utils.cache`), and store nothing. |
 | `COURSE_RESULTS_DIR` | `results_dir` | `cache_dir/results` | at use | Where the result cache keeps its entries (the test suite points it at a fresh folder, so that CI runs from an empty cache). |
@@ -49,7 +50,7 @@ VARIABLES: dict[str, str] = {
     "mode": "COURSE_MODE", "fast": "COURSE_FAST", "seed": "COURSE_SEED",
     "device": "COURSE_DEVICE", "threads": "COURSE_THREADS", "data_dir": "COURSE_DATA_DIR",
     "cache_dir": "COURSE_CACHE_DIR", "offline": "COURSE_OFFLINE",
-    "asset_registry": "COURSE_ASSET_REGISTRY", "grade_log": "COURSE_GRADE_LOG",
+    "asset_registry": "COURSE_ASSET_REGISTRY", "asset_mirror": "COURSE_ASSET_MIRROR", "grade_log": "COURSE_GRADE_LOG",
     "result_cache": "COURSE_RESULT_CACHE", "results_dir": "COURSE_RESULTS_DIR",
 }
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
@@ -208,6 +209,15 @@ class Config:
         """`COURSE_ASSET_REGISTRY`: a JSON file replacing the built-in asset registry, or None."""
         value = self._get("asset_registry")
         return Path(value).expanduser() if value else None
+
+    @property
+    def asset_mirror(self) -> str | None:
+        """`COURSE_ASSET_MIRROR`: the base address of a mirror of the course's files, or None."""
+        value = (self._get("asset_mirror") or "").strip()
+        if value and not value.startswith(("http://", "https://", "file://")):
+            raise ValueError(f"{VARIABLES['asset_mirror']}={value!r}: give an http://, https:// or file:// "
+                             "address of a folder laid out like COURSE_DATA_DIR")
+        return value.rstrip("/") or None
 
     @property
     def result_cache(self) -> bool:

