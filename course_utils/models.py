@@ -519,13 +519,9 @@ class LMParts:
 
         position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None]
         base = _part(self.model, "transformer" if self.family == "gpt2" else "model", PreTrainedModel)
-        mask = create_causal_mask(
-            config=base.config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            cache=None,
-            position_ids=position_ids,
-        )
+        # config, inputs_embeds, attention_mask, no cache: positional, because transformers renamed the
+        # fourth parameter (`past_key_values` up to 5.20, the last release for Python 3.10; `cache` after)
+        mask = create_causal_mask(base.config, hidden, None, None, position_ids=position_ids)
         kwargs: dict[str, Any] = {"attention_mask": mask, "position_ids": position_ids, "use_cache": False}
         if self.family == "llama":
             kwargs["position_embeddings"] = base.get_submodule("rotary_emb")(hidden, position_ids=position_ids)

@@ -93,7 +93,7 @@ def test_kernels_are_leaves(module):
 
 # The layers of CONTRIBUTING.md, lowest first. A module imports only from its own layer or below.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("settings", ("course_utils.config",)),
+    ("settings", ("course_utils.config", "course_utils.colab")),
     ("assets", ("course_utils.assets", "course_utils.cache")),
     ("data and models", ("course_utils.cifar", "course_utils.text", "course_utils.models", "course_utils.train")),
     ("numerics", ("course_utils.gaussian", "course_utils.kernels")),
