@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from course_utils.config import VARIABLES
+
 USES_REFERENCE = "uses the course's reference answer"
 REACHES_GRADER = "reaches into the grader's machinery"
 
@@ -40,7 +42,7 @@ _GRADER_NAMES = frozenset({
     "__dict__", "__code__", "__globals__", "__closure__", "__subclasses__", "__class__", "__bases__", "__mro__",
     "ctypes", "setprofile", "settrace", "_exit", "kill", "killpg", "fork", "system", "popen", "subprocess",
     "signal", "pty", "multiprocessing", "os.write", "fdopen", "dup2", "environ", "sys.stdout", "socket",
-    "COURSE_GRADE_LOG", "grade_log",
+    VARIABLES["grade_log"], "grade_log",
 })
 _ALLOWED_FROM_CHECKS = frozenset({"check", "progress", "diagnose", "describe_exception", "generator"})
 _CHECK_CALL = re.compile(r"""\bcheck\(\s*['"]([\w.]+)['"]""")

@@ -303,19 +303,27 @@ def _farm(shared: Path, private: Path, depth: int, skip: tuple[str, ...] = ()) -
             (private / item.name).symlink_to(item)
 
 
+def _shared_readable() -> tuple[Path, ...]:
+    """What the sandbox reads through `_farm`'s links: the result cache, the download cache and the data
+    folders. Bound read-only, because the sandbox's own /tmp hides any of them that lives there."""
+    from course_utils.config import CFG
+
+    return (CFG.results_dir, CFG.cache_dir, *CFG.data_dirs)
+
+
 def _sandbox_env(home: Path) -> dict[str, str]:
     """The sandbox's environment: the grader's own, without the grade log, with a private home and
     result cache, and this package first on the path."""
-    from course_utils.config import CFG
+    from course_utils.config import CFG, VARIABLES, env_vars
 
-    env = {k: v for k, v in os.environ.items() if k != "COURSE_GRADE_LOG"}
+    env = {k: v for k, v in os.environ.items() if k != VARIABLES["grade_log"]}
     _farm(CFG.cache_dir, home / "cache", 8, skip=("results",))
     _farm(CFG.results_dir, home / "results", 2)
     package_root = str(Path(__file__).resolve().parent.parent)
     env.update(HOME=str(home), JUPYTER_RUNTIME_DIR=str(home / "jupyter"), IPYTHONDIR=str(home / "ipython"),
-               MPLCONFIGDIR=str(home / "mpl"), COURSE_CACHE_DIR=str(home / "cache"),
-               COURSE_RESULTS_DIR=str(home / "results"), PYTHONUNBUFFERED="1", TMPDIR=str(home / "tmp"),
-               PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p))
+               MPLCONFIGDIR=str(home / "mpl"), PYTHONUNBUFFERED="1", TMPDIR=str(home / "tmp"),
+               PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p),
+               **env_vars(cache_dir=home / "cache", results_dir=home / "results"))
     (home / "tmp").mkdir(parents=True, exist_ok=True)
     return env
 
@@ -346,7 +354,8 @@ def _run_notebook(raw: bytes, name: str, work: Path, s: Settings, started: float
             str(s.cell_timeout), str(started + s.timeout), str(run_dir / "captures.json")]
     with open(work / "worker-stderr.txt", "wb") as fh:
         done = sandbox.run(argv, scratch=run_dir, env=_sandbox_env(run_dir / ".home"), timeout=s.timeout + 60,
-                           limits=sandbox.Limits(memory=s.memory), hide=s.hide, isolate=s.isolate, stderr=fh.fileno())
+                           limits=sandbox.Limits(memory=s.memory), hide=s.hide, read_only=_shared_readable(),
+                           isolate=s.isolate, stderr=fh.fileno())
     rows = _read_jsonl(progress)
     if done.timed_out:
         rows.append({"stop": f"the notebook ran past its time limit of {s.timeout:.0f} s"})
@@ -396,7 +405,8 @@ def _run_checks(found: dict[str, A.Answer], work: Path, s: Settings) -> dict[str
     with open(work / "check-stderr.txt", "wb") as fh:
         sandbox.run(argv, scratch=check_dir, env=_sandbox_env(check_dir / ".home"),
                     timeout=120 + 2 * s.cell_timeout * len(jobs), limits=sandbox.Limits(memory=s.memory), hide=s.hide,
-                    isolate=s.isolate, input_bytes=json.dumps(job).encode(), stderr=fh.fileno())
+                    read_only=_shared_readable(), isolate=s.isolate, input_bytes=json.dumps(job).encode(),
+                    stderr=fh.fileno())
     return read_signed(check_dir / VERDICTS, key)
 
 

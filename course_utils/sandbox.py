@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-TAG = "COURSE_SANDBOX_TAG"
+TAG = "GRADER_SANDBOX_TAG"
 _LIVE: set[int] = set()  # pids of the sandboxes running now (the fallback's orphan hunt spares them)
 _LOCK = threading.Lock()
 
