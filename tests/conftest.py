@@ -25,3 +25,14 @@ def asset_or_skip(key: str) -> Path:
 def root() -> Path:
     return ROOT
 
+
+
+# Fixtures that grade whole notebooks: every test that uses one is a notebook run, marked `slow` like the
+# other notebook runs (so `make test-pythons`, which runs `-m "not slow"`, leaves them to `make test`).
+NOTEBOOK_FIXTURES = frozenset({"graded", "hostile"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if NOTEBOOK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -85,7 +85,11 @@ NOTEBOOKS: dict[str, Notebook] = {
         progress=(),
     ),
     "04_concept_erasure": Notebook(progress=()),
+    "05_toolbox": Notebook(progress=()),
 }
+# The notebooks whose entry has been run in the browser on the course's machine. The others' entries (their
+# widgets above) are written but not yet run there; they skip and say so until a run confirms them.
+VERIFIED = {"00_orientation", "01_gradcam"}
 
 
 def test_every_solution_has_a_table_entry():
@@ -159,6 +163,8 @@ def _run(page, lab, name: str, shots: Path) -> dict:
 def test_solution_runs_in_chromium(name, lab, chromium, shots):
     if name not in NOTEBOOKS:
         pytest.fail(f"{name} has no NOTEBOOKS entry in tests/test_browser.py (its widgets and progress bars)")
+    if name not in VERIFIED:
+        pytest.skip(f"{name}'s browser run is not verified yet (its widget table is written, not yet run)")
     expected = NOTEBOOKS[name]
     page = chromium.new_page(viewport={"width": 1400, "height": 1000})
     page.add_init_script(B.PROGRESS_RECORDER)
