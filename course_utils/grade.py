@@ -304,11 +304,13 @@ def _farm(shared: Path, private: Path, depth: int, skip: tuple[str, ...] = ()) -
 
 
 def _shared_readable() -> tuple[Path, ...]:
-    """What the sandbox reads through `_farm`'s links: the result cache, the download cache and the data
-    folders. Bound read-only, because the sandbox's own /tmp hides any of them that lives there."""
+    """What the sandbox reads through `_farm`'s links (the result cache, the download cache, the data folders)
+    and what it runs (this interpreter's environment, this package). Bound read-only, because the sandbox's
+    own /tmp hides any of them that lives there."""
     from course_utils.config import CFG
 
-    return (CFG.results_dir, CFG.cache_dir, *CFG.data_dirs)
+    interpreter = (Path(sys.prefix), Path(sys.base_prefix), Path(__file__).resolve().parent.parent)
+    return (CFG.results_dir, CFG.cache_dir, *CFG.data_dirs, *interpreter)
 
 
 def _sandbox_env(home: Path) -> dict[str, str]:

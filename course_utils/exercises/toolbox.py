@@ -32,6 +32,9 @@ def _precision_cases() -> list[Case]:
 
 @exercise("toolbox.precision_at_k", title="Precision at k: how many of the top-k losses are the bug?",
           cases=_precision_cases,
+          hints=('Which examples does the ranking put first, and how many of those are really planted?',
+                 'Take the k examples with the largest scores and count how many of them are marked as planted; '
+                 'divide by k.'),
           hint="Take the indices of the k HIGHEST scores (torch.topk(scores, k).indices), then the fraction of "
                "them that are relevant: relevant[top].float().mean().item().")
 def precision_at_k(scores: torch.Tensor, relevant: torch.Tensor, k: int) -> float:
@@ -94,6 +97,10 @@ def _fgsm_cases() -> list[Case]:
 
 
 @exercise("toolbox.fgsm", title="FGSM: one step along the sign of the loss gradient", cases=_fgsm_cases,
+          hints=('One step, of size epsilon, in the direction that increases the loss fastest under an L-infinity '
+                 'budget.',
+                 'Get the gradient of the loss with respect to the input images, step along its sign, and keep '
+                 'pixels in [0, 1].'),
           hint="x = images.clone().requires_grad_(True); loss = F.cross_entropy(model(x), labels); "
                "grad, = torch.autograd.grad(loss, x); return (images + eps * grad.sign()).clamp(0, 1).")
 def fgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
@@ -151,6 +158,9 @@ def _mask_cases() -> list[Case]:
 
 
 @exercise("toolbox.magnitude_masks", title="Global magnitude pruning: the masks", cases=_mask_cases,
+          hints=('Global means one threshold for all the tensors together, not one per tensor.',
+                 'Rank the absolute values of every weight of every tensor at once; the smallest fraction `sparsity` '
+                 'of them are pruned.'),
           hint="Concatenate |w|.flatten() of all the tensors, find the k = round(sparsity * n) smallest "
                "(torch.topk(flat, k, largest=False).indices), mark them False, then split the flat mask back "
                "into the tensors' shapes.")
@@ -210,6 +220,9 @@ def _recovered_cases() -> list[Case]:
 
 
 @exercise("toolbox.loss_recovered", title="Loss recovered", cases=_recovered_cases,
+          hints=('0 means no better than the fully ablated model, 1 means as good as the clean model.',
+                 'A ratio of two gaps: how far the explanation is from the ablated loss, over how far the clean loss '
+                 'is from it.'),
           hint="(ablated - loss) / (ablated - clean): 0 when the explanation is no better than ablating "
                "everything, 1 when it is as good as the clean model.")
 def loss_recovered(loss: torch.Tensor, clean: float, ablated: float) -> torch.Tensor:
@@ -258,6 +271,9 @@ def _rock_cases() -> list[Case]:
 
 
 @exercise("toolbox.rock_loss", title="The rock: the loss of a constant model", cases=_rock_cases,
+          hints=('The rock ignores the image and always predicts the same distribution over classes.',
+                 'Estimate the class frequencies from the training labels, then take the cross-entropy of the test '
+                 'labels under them.'),
           hint="p = torch.bincount(train_labels, minlength=num_classes) / len(train_labels); "
                "return -p[test_labels].log().mean().item(): the cross-entropy of predicting p for every "
                "test example.")
@@ -311,6 +327,9 @@ def _auroc_cases() -> list[Case]:
 
 
 @exercise("toolbox.auroc", title="AUROC: how well does a score separate two sets?", cases=_auroc_cases,
+          hints=('The probability that a random positive scores higher than a random negative; ties count one half.',
+                 'Compare every positive with every negative: count the wins, add half the ties, divide by the '
+                 'number of pairs.'),
           hint="Compare every positive with every negative: (pos[:, None] > neg[None, :]) counts 1 and "
                "(pos[:, None] == neg[None, :]) counts 1/2; the AUROC is the mean over all n_pos * n_neg pairs.")
 def auroc(negatives: torch.Tensor, positives: torch.Tensor) -> float:
