@@ -1,8 +1,8 @@
 """Grade learners' notebooks, exercise by exercise: isolated, with verdicts the notebook cannot write.
 
     python -m course_utils.grade [--json OUT] [--junit OUT] [--timeout S] [--cell-timeout S]
-                                 [--memory GIB] [--no-isolation] NOTEBOOK...
-    python -m course_utils.grade --cohort DIR [--out DIR] [--jobs N] [--no-precompute]
+                                 [--memory GIB] [--no-isolation] [--answers-only] NOTEBOOK...
+    python -m course_utils.grade --cohort DIR [--out DIR] [--jobs N] [--no-precompute] [--answers-only]
 
 Each notebook is copied to a scratch folder and run there, in a fresh kernel, inside a sandbox
 (`course_utils.sandbox`: bubblewrap's namespaces where it works, else resource limits and a
@@ -19,6 +19,12 @@ Every exercise of the notebook's topic gets a status and a reason, whatever happ
 is not JSON, a syntax error, an exception, an endless loop, a dead kernel, gigabytes of output,
 a deleted exercise, a notebook that attacks the grader. The grader itself never crashes on a
 learner's notebook, and writes its reports whatever the notebook did.
+
+`--answers-only` skips the notebook's run: every answer is still read from the cells and checked in
+the fresh sandboxed process (with the statements of earlier cells it needs), which is all that ever
+decides a point, but nothing says whether the learner's notebook runs from top to bottom, so a check
+cell that would have raised is not reported. A cohort is graded many times faster; every report says
+that the notebooks were not run.
 
 Exit status: 0 when every exercise of every notebook passed, else 1 (2 for bad arguments).
 """
@@ -81,6 +87,7 @@ class NotebookReport:
     problem: str | None = None  # what went wrong with the notebook as a whole, if anything
     isolated: bool | None = None  # None: nothing ran (the notebook could not even be read)
     isolation_off: bool = False  # isolation was turned off (--no-isolation), not missing
+    ran: bool = True  # False with --answers-only: answers checked, the notebook itself not run
 
     @property
     def score(self) -> float:
@@ -104,7 +111,8 @@ class NotebookReport:
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "topic": self.topic, "score": self.score, "max_score": self.max_score,
                 "passed": self.passed, "seconds": round(self.seconds, 1), "problem": self.problem,
-                "isolation": self.isolation, "exercises": [asdict(e) for e in self.exercises]}
+                "isolation": self.isolation, "notebook_run": self.ran,
+                "exercises": [asdict(e) for e in self.exercises]}
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,7 @@ class Settings:
     isolate: bool | None = None
     hide: tuple[Path, ...] = ()
     seed: int = field(default_factory=lambda: secrets.randbits(62))
+    answers_only: bool = False  # check the answers without running the notebook (see the module doc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,11 +402,13 @@ def _copy_values(src: Path, dst: Path) -> list[str]:
     return names
 
 
-def _run_checks(found: dict[str, A.Answer], work: Path, s: Settings) -> dict[str, dict[str, Any]]:
-    """Check every extracted answer in a fresh sandboxed process; {exercise: signed verdict}."""
+def _run_checks(found: dict[str, A.Answer], work: Path, s: Settings
+                ) -> tuple[dict[str, dict[str, Any]], bool | None]:
+    """Check every extracted answer in a fresh sandboxed process; ({exercise: signed verdict},
+    whether that process was isolated: None when there was nothing to check)."""
     jobs = _jobs(found, s)
     if not jobs:
-        return {}
+        return {}, None
     check_dir = work / "check"
     check_dir.mkdir()
     values = _copy_values(work / "run" / "values", check_dir / "values")
@@ -405,11 +416,11 @@ def _run_checks(found: dict[str, A.Answer], work: Path, s: Settings) -> dict[str
     job = {"key": key.hex(), "seed": s.seed, "answers": jobs, "values": values}
     argv = [sys.executable, "-m", "course_utils.verdict"]
     with open(work / "check-stderr.txt", "wb") as fh:
-        sandbox.run(argv, scratch=check_dir, env=_sandbox_env(check_dir / ".home"),
+        done = sandbox.run(argv, scratch=check_dir, env=_sandbox_env(check_dir / ".home"),
                     timeout=120 + 2 * s.cell_timeout * len(jobs), limits=sandbox.Limits(memory=s.memory), hide=s.hide,
                     read_only=_shared_readable(), isolate=s.isolate, input_bytes=json.dumps(job).encode(),
                     stderr=fh.fileno())
-    return read_signed(check_dir / VERDICTS, key)
+    return read_signed(check_dir / VERDICTS, key), done.isolated
 
 
 def _run_status(where: int | None, cells: dict[int, dict[str, Any]], started: list[int], stop: str | None
@@ -449,13 +460,26 @@ def _verdict_status(v: dict[str, Any] | None) -> tuple[str, str]:
     return status, reason
 
 
-def _summarise(report: NotebookReport, found: dict[str, A.Answer], progress: list[dict[str, Any]],
+NOT_RUN = ("not run (--answers-only): every answer was checked from its code; whether the notebook runs "
+           "from top to bottom was not")
+
+
+def _summarise(report: NotebookReport, found: dict[str, A.Answer], progress: list[dict[str, Any]] | None,
                verdicts: dict[str, dict[str, Any]]) -> None:
-    """Every exercise's status: a deleted check, a cheat, where the run stopped, else the signed verdict."""
+    """Every exercise's status: a deleted check, a cheat, where the run stopped, else the signed verdict.
+    `progress` None: the notebook was not run (--answers-only), so only the verdicts count."""
+    if progress is None:
+        report.problem = NOT_RUN
+        progress = [{"cell": ans.check_cell, "status": "ok"} for ans in found.values()
+                    if ans.check_cell is not None and not ans.context]
+        progress += [{"cell": ans.check_cell, "status": "error", "error": "this check needs values from the "
+                      "notebook's run: grade without --answers-only"} for ans in found.values()
+                     if ans.check_cell is not None and ans.context]
     cells = {int(p["cell"]): p for p in progress if isinstance(p.get("cell"), int)}
     started = [p["start"] for p in progress if "start" in p]
     stops = [p["stop"] for p in progress if "stop" in p]
-    stop = stops[-1] if stops else "the grader stopped the notebook at its time limit"
+    stop = stops[-1] if stops else (None if report.problem == NOT_RUN
+                                     else "the grader stopped the notebook at its time limit")
     truncated = [i for i, c in cells.items() if c.get("truncated")]
     if truncated:
         report.problem = f"output of cell(s) {truncated[:10]} was over {OUTPUT_LIMIT // 1_000_000} MB and was cut"
@@ -502,9 +526,14 @@ def grade_notebook(path: str | Path, *, timeout: float = DEFAULT_TIMEOUT, cell_t
         with tempfile.TemporaryDirectory(prefix="course-grade-") as tmp:
             work = Path(tmp)
             os.chmod(work, 0o711)
-            captures = _captures(found, work / "run" / "values")
-            progress, report.isolated = _run_notebook(raw, path.name, work, s, started, captures)
-            _summarise(report, found, progress, _run_checks(found, work, s))
+            if s.answers_only:
+                report.ran, progress = False, None
+                verdicts, report.isolated = _run_checks(found, work, s)
+            else:
+                captures = _captures(found, work / "run" / "values")
+                progress, report.isolated = _run_notebook(raw, path.name, work, s, started, captures)
+                verdicts, _ = _run_checks(found, work, s)
+            _summarise(report, found, progress, verdicts)
     except Exception as err:  # never crash on a learner's notebook
         report.exercises.clear()
         _all(report, "error", f"grader error: {type(err).__name__}: {err}")
@@ -608,17 +637,18 @@ def _restore(originals: dict[Path, bytes]) -> list[str]:
 def grade_cohort(folder: Path, out: Path, *, timeout: float = DEFAULT_TIMEOUT,
                  cell_timeout: float = DEFAULT_CELL_TIMEOUT, jobs: int | None = None,
                  memory_gib: float = DEFAULT_MEMORY_GIB, isolate: bool | None = None,
-                 precompute: bool = True) -> list[tuple[str, list[NotebookReport]]]:
+                 precompute: bool = True, answers_only: bool = False) -> list[tuple[str, list[NotebookReport]]]:
     """Grade every learner's folder under `folder`, `jobs` notebooks at a time (default: the cores);
-    write per-learner JSON and a scoreboard (CSV, Markdown) into `out`, each in one step, at the end."""
+    write per-learner JSON and a scoreboard (CSV, Markdown) into `out`, each in one step, at the end.
+    `answers_only`: check every answer without running the notebooks (see the module doc)."""
     from tqdm.auto import tqdm
 
     subs = _submissions(folder)
     out.mkdir(parents=True, exist_ok=True)
     originals = {p: p.read_bytes() for _, p in subs}
     s = Settings(timeout=timeout, cell_timeout=cell_timeout, memory=int(memory_gib * (1 << 30)), isolate=isolate,
-                 hide=(folder.resolve(), out.resolve()))
-    if precompute:
+                 hide=(folder.resolve(), out.resolve()), answers_only=answers_only)
+    if precompute and not answers_only:
         precompute_for({topic_of(p.name) for _, p in subs})
     reports: dict[Path, NotebookReport] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
@@ -674,6 +704,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--jobs", type=int, default=None, help="notebooks graded at once (default: the number of cores)")
     ap.add_argument("--no-precompute", action="store_true",
                     help="with --cohort: do not fill the result cache first (each notebook then trains its own)")
+    ap.add_argument("--answers-only", action="store_true",
+                    help="check every answer from the notebook's code without running the notebook (much faster; "
+                         "the reports say the notebooks were not run)")
     return ap
 
 
@@ -693,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--cohort {args.cohort}: not a folder")
         results = grade_cohort(args.cohort, args.out, timeout=args.timeout, cell_timeout=args.cell_timeout,
                                jobs=args.jobs, memory_gib=args.memory, isolate=isolate,
-                               precompute=not args.no_precompute)
+                               precompute=not args.no_precompute, answers_only=args.answers_only)
         print(f"scoreboard: {args.out / 'scoreboard.md'} and {args.out / 'scoreboard.csv'}")
         return 0 if results and all(r.passed for _, rs in results for r in rs) else 1
     if not args.notebooks:
@@ -702,7 +735,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         ap.error(f"no such notebook: {', '.join(missing)}")
     s = Settings(timeout=args.timeout, cell_timeout=args.cell_timeout, memory=int(args.memory * (1 << 30)),
-                 isolate=isolate, hide=tuple(p.resolve() for p in (args.json, args.junit) if p and p.is_dir()))
+                 isolate=isolate, hide=tuple(p.resolve() for p in (args.json, args.junit) if p and p.is_dir()),
+                 answers_only=args.answers_only)
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs or os.cpu_count() or 1) as pool:
         reports = list(pool.map(lambda nb: grade_notebook(nb, settings=s), args.notebooks))
     print(format_table(reports))

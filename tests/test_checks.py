@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -260,6 +261,26 @@ def test_every_exercise_has_a_three_rung_ladder_and_five_mistakes(ex):
     assert len(ex.ladder) == 3 and len(set(ex.ladder)) == 3, ex.name
     assert len(ex.mistakes) >= 5, ex.name
     assert len({m.hint for m in ex.mistakes}) == len(ex.mistakes), "each mistake has its own hint"
+
+
+# What solution code looks like in a hint: a method call (`x.mean(`), a library call (`torch.`, `F.`,
+# `einsum(`, `rearrange(`), a keyword argument (`(dim=`), slicing (`[:, `), `@`, `**`, `return x`, `def`.
+CODE = re.compile(r"\w\.\w+\(|\b(torch|F|np|einops)\.|\b(einsum|rearrange|reduce|topk|gather|scatter_?)\(|"
+                  r"\(\w+=|\[:, |\s@\s|\*\*|\breturn \w+[\[(.;]|\bdef\b|\blambda\b")
+
+
+def test_code_pattern_recognises_code():
+    assert all(CODE.search(s) for s in ["gradients.mean(dim=(2, 3))", "torch.topk(scores, k)", "xc.T @ zc",
+                                        "einsum('bk,bkhw->bhw', w, a)", "maps[:, y0:y1]", "return None;"])
+    assert not CODE.search("α[b, k] = (1 / (h·w)) Σ_{y, x} dA[b, k, y, x]: [B, K, h, w] -> [B, K].")
+
+
+@pytest.mark.parametrize("ex", ALL, ids=lambda ex: ex.name)
+def test_no_rung_of_the_ladder_is_solution_code(ex):
+    """The ladder ends with the formula and the shapes, never the code that solves the exercise."""
+    for rung, text in enumerate(ex.ladder):
+        found = CODE.search(text)
+        assert not found, f"rung {rung + 1} of {ex.name} reads like code: {found[0]!r} in {text}"
 
 
 def _boom(*args, **kwargs):

@@ -209,3 +209,31 @@ def test_cohort_scoreboard(root, tmp_path, graded):
     assert bob["orientation.channel_means"] == "0" and bob["orientation.flatten_images"] == "1"
     assert (out / "scoreboard.md").read_text().count("\n") == 2 + 4
     assert json.loads((out / "cyd.json").read_text())["notebooks"][0]["exercises"][0]["status"] == "error"
+
+
+def test_answers_only_cohort_checks_the_code_without_running_it(root, tmp_path):
+    """--answers-only: the same signed verdicts from the cells' code, no notebook run: a cell that
+    would stop the run changes nothing, a forged `check` still scores nothing, every report says so."""
+    import csv
+
+    crash = _solution(root)
+    crash.cells.insert(_def_cell(crash, "flatten_images"), nbformat.v4.new_code_cell("1 / 0"))
+    forged = _with_body(_solution(root), "channel_means", "return reduce(images, 'b c h w -> c', 'sum')\n")
+    forged.cells.append(nbformat.v4.new_code_cell("def check(*args, **kwargs):\n    print('passed')\n"
+                                                  "check('orientation.channel_means', channel_means)"))
+    cohort = tmp_path / "cohort"
+    for learner, nb in {"ada": _solution(root), "bob": forged, "cyd": crash,
+                        "dan": nbformat.read(root / "notebooks" / "00_orientation.ipynb", as_version=4)}.items():
+        (cohort / learner).mkdir(parents=True)
+        nbformat.write(nb, cohort / learner / "00_orientation.ipynb")
+    out = tmp_path / "grades"
+    run = subprocess.run([sys.executable, "-m", "course_utils.grade", "--cohort", str(cohort), "--out", str(out),
+                          "--answers-only", "--jobs", "2"], capture_output=True, text=True)
+    assert run.returncode == 1, run.stdout + run.stderr
+    totals = {r["learner"]: r["total"] for r in csv.DictReader((out / "scoreboard.csv").open())}
+    assert totals == {"ada": "5", "bob": "4", "cyd": "5", "dan": "0"}
+    for learner in totals:
+        notebook = json.loads((out / f"{learner}.json").read_text())["notebooks"][0]
+        assert notebook["notebook_run"] is False and notebook["problem"].startswith("not run (--answers-only)")
+    bob = json.loads((out / "bob.json").read_text())["notebooks"][0]["exercises"]
+    assert next(e for e in bob if e["name"] == "orientation.channel_means")["status"] == "failed"

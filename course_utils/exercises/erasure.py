@@ -57,7 +57,7 @@ def _xcov_cases() -> list[Case]:
                  "normalisation and the output's orientation.",
                  'Centre x and z on their column means, multiply to get [d, k], and divide by n - 1.'),
           cases=_xcov_cases,
-          hint="Centre both: xc = x - x.mean(0), zc = z - z.mean(0); then xc.T @ zc / (n - 1), a [d, k] matrix.")
+          hint="Σ_xz = (1/(n−1)) Σ_i (x_i − x̄)(z_i − z̄)ᵀ: [n, d], [n, k] -> [d, k].")
 def cross_covariance(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """`x` `[n, d]`, one-hot `z` `[n, k]` -> `Sigma_xz` `[d, k]`, with Bessel's 1/(n-1)."""
     return _centre(x).T @ _centre(z) / (len(x) - 1)
@@ -111,9 +111,8 @@ def _orth_cases() -> list[Case]:
                  'non-zero singular values), project the centred x on it, and subtract that '
                  'projection from x.'),
           cases=_orth_cases, atol=1e-8, rtol=1e-6,
-          hint="S = Sigma_xz [d, k]; U = an orthonormal basis of its columns (SVD, keeping the singular "
-               "values that are not ~0: there are k - 1 for one-hot z), or P = S @ torch.linalg.pinv(S); "
-               "then return x - (x - mu) @ U @ U.T.")
+          hint="With U [d, r] an orthonormal basis of colspan(Σ_xz) (r = the number of non-negligible singular "
+               "values): x' = x − U Uᵀ (x − μ) for each row: [n, d] -> [n, d].")
 def orth_erase(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """`x` `[n, d]`, one-hot `z` `[n, k]` -> `x - (x - mu) P` with `P` the orthogonal projection onto
     colspan(Sigma_xz), the class-mean-difference directions."""
@@ -202,8 +201,8 @@ def _sigma(x: torch.Tensor) -> torch.Tensor:
                  'W is the (pseudo-)inverse square root of Sigma_xx and W^+ its square root; P '
                  'projects onto colspan(W Sigma_xz); apply W^+ P W to the centred rows (mind the '
                  'transpose for row vectors) and subtract.'),
-          hint="W = Sigma_xx^{-1/2} (eigh: V diag(1/sqrt(l)) V.T, 0 where l ~ 0), W_inv = Sigma_xx^{1/2}; "
-               "U = orthonormal basis of colspan(W @ Sigma_xz); return x - (x - mu) @ (W_inv @ U @ U.T @ W).T.")
+          hint="W = (Σ_xx^{1/2})⁺ (symmetric), P = the orthogonal projection onto colspan(W Σ_xz), x' = x − W⁺ P"
+               " W (x − μ) for each row: [n, d] -> [n, d].")
 def leace_erase(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """`x` `[n, d]`, one-hot `z` `[n, k]` -> `r(x) = x - W^+ P W (x - mu)` for every row:
     `W = Sigma_xx^{-1/2}` (pseudo-inverse), `P` the orthogonal projection onto colspan(W Sigma_xz)."""
@@ -317,8 +316,7 @@ def _step_cases() -> list[Case]:
                  'Walk the pairs in order, return the first step whose accuracy is >= threshold, and '
                  'None if none is.'),
           cases=_step_cases,
-          hint="Walk through zip(steps, accuracies) and return the first STEP whose accuracy is >= threshold; "
-               "return None after the loop if there is none.")
+          hint="The smallest index i with accuracies[i] ≥ threshold gives steps[i]; if there is no such i, None.")
 def first_step_above(steps: Sequence[int], accuracies: Sequence[float], threshold: float) -> int | None:
     """The first step with accuracy >= threshold, or None."""
     for step, acc in zip(steps, accuracies):
@@ -399,8 +397,9 @@ def _class_stats(x: torch.Tensor, labels: torch.Tensor, c: int, ddof: int = 1) -
                  'For each class: its mean and unbiased covariance, the OT map from that covariance '
                  "to the target's, applied to the centred rows, plus the target mean."),
           cases=_quad_cases, atol=1e-7, rtol=1e-6,
-          hint="For each class c: mu_c, Sigma_c of x[labels == c] (1/(n_c - 1)); A = gaussian_ot_map(Sigma_c, "
-               "target_cov); out[labels == c] = target_mean + (x_c - mu_c) @ A.T.")
+          hint="For each class c: x'_i = μ_t + A_c (x_i − μ_c) for every row with label c, where μ_c, Σ_c are "
+               "that class's mean and unbiased covariance and A_c the Gaussian OT map from Σ_c to Σ_t: [n, d] ->"
+               " [n, d].")
 def quadratic_erase(x: torch.Tensor, labels: torch.Tensor, target_mean: torch.Tensor,
                     target_cov: torch.Tensor) -> torch.Tensor:
     """`x` `[n, d]`, class ids `labels` `[n]`, `target_mean` `[d]`, `target_cov` `[d, d]` -> `[n, d]`:
@@ -506,3 +505,76 @@ def _quad_over_n(x, labels, target_mean, target_cov):
         mu, sigma = _class_stats(x, labels, c, ddof=0)
         out[idx] = target_mean + (x[idx] - mu) @ gaussian_ot_map(sigma, target_cov).T
     return out
+
+
+# --- hidden cases (the grader's only) -----------------------------------------------------------
+# Drawn by `python -m course_utils.grade` from a seed it keeps secret, with the generator `g`: the
+# learner's notebook never sees these inputs, so an answer cannot be fitted to the public cases.
+def _hidden_int(g: torch.Generator, low: int, high: int) -> int:
+    """A random int in [low, high)."""
+    return int(torch.randint(low, high, (1,), generator=g))
+
+
+def _hidden_labelled(g: torch.Generator, n: int, d: int, k: int, **kw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_labelled` with a seed drawn from `g` and a random class shift."""
+    shift = 0.5 + 2 * float(torch.rand(1, generator=g))
+    return _labelled(_hidden_int(g, 0, 2**31 - 1), n, d, k, shift=shift, **kw)
+
+
+def _hidden_xcov(g: torch.Generator) -> list[Case]:
+    d, k = _hidden_int(g, 2, 7), _hidden_int(g, 2, 6)
+    n = _hidden_int(g, k + 1, 60)
+    return [Case(f"hidden: random n={n}, d={d}, k={k}", _hidden_labelled(g, n, d, k))]
+
+
+def _hidden_orth(g: torch.Generator) -> list[Case]:
+    d = _hidden_int(g, 2, 8)
+    k = _hidden_int(g, 2, d + 1)  # k - 1 < d directions to remove: some remain
+    n = _hidden_int(g, 4 * d + 2 * k, 100)
+    return [Case(f"hidden: random n={n}, d={d}, k={k}", _hidden_labelled(g, n, d, k))]
+
+
+def _hidden_leace(g: torch.Generator) -> list[Case]:
+    d = _hidden_int(g, 3, 8)
+    k = _hidden_int(g, 2, d + 1)
+    n, n_dup = _hidden_int(g, 6 * d, 120), _hidden_int(g, 6 * d, 120)
+    return [Case(f"hidden: random n={n}, d={d}, k={k}", _hidden_labelled(g, n, d, k)),
+            Case(f"hidden: singular covariance, n={n_dup}, d={d}, k={k}", _hidden_labelled(g, n_dup, d, k,
+                                                                                          duplicate=True))]
+
+
+def _hidden_steps(g: torch.Generator) -> list[Case]:
+    def curve(n: int) -> tuple[list[int], list[float]]:
+        steps = sorted(int(s) + 1 for s in torch.randperm(2000, generator=g)[:n])  # steps[i] > i
+        return steps, [round(float(a), 3) for a in torch.rand(n, generator=g) * 0.8 + 0.1]
+
+    n = _hidden_int(g, 4, 10)
+    steps, acc = curve(n)
+    j = _hidden_int(g, 1, n - 1)
+    threshold = acc[j] = round(0.5 + 0.3 * float(torch.rand(1, generator=g)), 3)  # reached exactly at step j
+    acc[:j] = [min(a, threshold - 0.05) for a in acc[:j]]
+    acc[j + 1] = threshold - 0.01  # then dips below
+    if j + 2 < n:
+        acc[-1] = threshold + 0.1  # and ends higher, so that the first crossing is not the best accuracy
+    never_steps, never_acc = curve(n)
+    return [Case("hidden: first reached exactly at a random checkpoint, then dips", (steps, acc, threshold)),
+            Case("hidden: never reached", (never_steps, never_acc, 0.95))]
+
+
+def _hidden_quad(g: torch.Generator) -> list[Case]:
+    d, k = _hidden_int(g, 2, 5), _hidden_int(g, 2, 5)
+    n = k * _hidden_int(g, 3 * d + 3, 30) + _hidden_int(g, 0, k)  # every class well above d samples
+    x, z = _hidden_labelled(g, n, d, k, balanced=True)
+    a = torch.randn(d, d, generator=g, dtype=F64)
+    target_cov = a @ a.T / d + torch.eye(d, dtype=F64)
+    return [Case(f"hidden: random n={n}, d={d}, k={k}", (x, z.argmax(1), torch.randn(d, generator=g, dtype=F64),
+                                                         target_cov))]
+
+
+HIDDEN_CASES = {
+    "erasure.cross_covariance": _hidden_xcov,
+    "erasure.orth_erase": _hidden_orth,
+    "erasure.leace_erase": _hidden_leace,
+    "erasure.first_step_above": _hidden_steps,
+    "erasure.quadratic_erase": _hidden_quad,
+}

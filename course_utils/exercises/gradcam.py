@@ -103,9 +103,9 @@ def _validate_hooks(answer: Any, **_: Any) -> str | None:
                  "scalar to backprop is the sum over the batch of each image's logit at its own "
                  'class; detach both, remove the hook, refuse a layer that runs twice.'),
           cases=_hook_cases, validate=_validate_hooks,
-          hint="Register a forward hook on `layer` that keeps `output` and calls output.register_hook(...) to keep "
-               "its gradient; run model(x); backprop logits[range(B), classes].sum(); remove the handle in a "
-               "finally: block; raise ValueError if the hook fired more than once.")
+          hint="A = the layer's output, [B, K, h, w]; dA = ∂(Σ_b logits[b, class_b]) / ∂A, the same shape; both "
+               "returned detached, the model left without hooks, and an error when the layer fires more than "
+               "once in a forward pass.")
 def activations_and_gradients(model: nn.Module, layer: nn.Module, x: torch.Tensor,
                               classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`A = layer(...)` and `dy/dA` for `y = sum_b logits[b, classes[b]]`: both `[B, K, h, w]`, detached.
@@ -257,7 +257,7 @@ def _weights_cases() -> list[Case]:
           hints=("Each channel's weight summarises its gradient map by one number per image: which "
                  'axes should disappear?',
                  'Average over the spatial axes h and w only: [B, K, h, w] -> [B, K].'),
-          hint="Average over the two spatial axes only: gradients.mean(dim=(2, 3)) gives [B, K].")
+          hint="α[b, k] = (1 / (h·w)) Σ_{y, x} dA[b, k, y, x]: [B, K, h, w] -> [B, K].")
 def channel_weights(gradients: torch.Tensor) -> torch.Tensor:
     """`alpha_k = (1/hw) sum_ij dy/dA^k_ij`: `gradients [B, K, h, w]` -> `[B, K]`."""
     return G.channel_weights(gradients)
@@ -319,11 +319,10 @@ def _map_cases() -> list[Case]:
           hints=('The order matters: combine the channels, keep only the positive evidence, resize, '
                  'and scale each map on its own.',
                  'Weighted sum over k gives [B, h, w]; ReLU; bilinear upsampling '
-                 '(align_corners=False) to `size`; divide each map by its own maximum, leaving an '
+                 'to `size` (corners not aligned); divide each map by its own maximum, leaving an '
                  'all-zero map at zero.'),
-          hint="raw = relu(einsum('bk,bkhw->bhw', weights, activations)); upsample with F.interpolate(raw[:, None], "
-               "size=size, mode='bilinear', align_corners=False)[:, 0]; divide each map by its own max, and leave "
-               "an all-zero map at zero.")
+          hint="raw[b] = ReLU(Σ_k α[b, k] · A[b, k]) : [B, h, w]; up[b] = bilinear resize of raw[b] to `size` "
+               "(corners not aligned) : [B, H, W]; cam[b] = up[b] / max(up[b]), and 0 where max(up[b]) = 0.")
 def cam_map(activations: torch.Tensor, weights: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """`normalise(upsample(ReLU(sum_k w_k A^k)))`: `A [B, K, h, w]`, `w [B, K]` -> `[B, *size]` in [0, 1]."""
     return G.cam_map(activations, weights, size)
@@ -422,8 +421,8 @@ def _box_cases() -> list[Case]:
                  'image. Mind which coordinate indexes rows.',
                  'x indexes columns and y rows; the box is half-open; divide the sum inside by the '
                  "map's total, and give 0 for a map whose total is 0."),
-          hint="x is the column, y the row: inside = maps[:, y0:y1, x0:x1].sum(dim=(1, 2)); divide by "
-               "maps.sum(dim=(1, 2)), and return 0 where the total is 0.")
+          hint="mass[b] = Σ_{y0 ≤ row < y1, x0 ≤ col < x1} maps[b, row, col] / Σ_{row, col} maps[b, row, col]: "
+               "[B], and 0 for a map whose total is 0 (x: columns, y: rows).")
 def box_mass(maps: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
     """Fraction of each map's mass inside `box = (x0, y0, x1, y1)` (half-open): `[B, H, W]` -> `[B]`."""
     return G.box_mass(maps, box)
@@ -501,9 +500,9 @@ def _compare_float64(expected: Any, actual: Any) -> str | None:
                  'positions; then centre the ranks and take the cosine of the centred ranks, row by '
                  'row.'),
           compare=_compare_float64,
-          hint="Rank each row with ties averaged (torch.unique(row, return_inverse=True, return_counts=True): "
-               "a value's rank is the mean of the positions its copies occupy), then take the Pearson "
-               "correlation of the ranks: centre them, sum the products, divide by the product of the norms.")
+          hint="For each row: ρ = Σ_i (r_i − r̄)(s_i − s̄) / (‖r − r̄‖ · ‖s − s̄‖), where r and s are the ranks "
+               "of that row of a and of b, and tied values all get the mean of the ranks they occupy: [B, N], "
+               "[B, N] -> [B].")
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Rank correlation of each pair of rows: `a, b: [B, N]` -> `[B]`, ties given their average rank."""
     return G.spearman(a, b)
@@ -605,8 +604,9 @@ def _validate_permutation(answer: Any, **_: Any) -> str | None:
                  'Draw a random permutation of the indices from a local generator seeded with `seed`,'
                  ' and index a new tensor with it.'),
           validate=_validate_permutation,
-          hint="perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)); "
-               "return labels[perm].")
+          hint="out[i] = labels[π(i)] with π a uniformly random permutation of 0..N−1 that depends only on "
+               "`seed` (a generator of its own, the global one untouched): [N] -> [N], the same multiset of "
+               "labels.")
 def permute_labels(labels: torch.Tensor, seed: int) -> torch.Tensor:
     """The labels shuffled across images by a seeded random permutation: `[N]` -> `[N]` (a new tensor)."""
     return G.permute_labels(labels, seed)
@@ -688,9 +688,10 @@ def _validate_ties(answer: Any, **_: Any) -> str | None:
                  ' to the baseline, leaving x itself untouched.',
                  'Per image, take the indices of the k largest saliency values (topk over the '
                  'flattened map, so that ties cannot add pixels); build a [B, H*W] mask from them; '
-                 'apply it to all channels with torch.where.'),
-          hint="Per image: idx = saliency.flatten(1).topk(k, dim=1).indices; build a [B, H*W] mask with "
-               "mask.scatter_(1, idx, True); then torch.where(mask.reshape(B, 1, H, W), baseline, x).")
+                 'put the baseline wherever the mask is set, in every channel.'),
+          hint="For each image b, S_b = the k pixel positions with the largest saliency (exactly k, even where "
+               "values tie); out[b, c, y, x] = baseline[...] if (y, x) ∈ S_b else x[b, c, y, x], for every "
+               "channel c: [B, C, H, W], x itself unchanged.")
 def delete_most_salient(x: torch.Tensor, saliency: torch.Tensor, k: int, baseline: float) -> torch.Tensor:
     """Each image's `k` most salient pixels (all channels) set to `baseline`: `x [B, C, H, W]`, `saliency [B, H, W]`."""
     return G.delete_most_salient(x, saliency, k, baseline)
@@ -763,3 +764,83 @@ def _delete_one_channel(x, saliency, k, baseline):
          "Set deleted pixels to `baseline`, which is not always 0.")
 def _delete_zero(x, saliency, k, baseline):
     return _delete_with(x, saliency.flatten(1).topk(k, dim=1).indices, 0.0)
+
+
+# --- hidden cases (the grader's only) -----------------------------------------------------------
+# Drawn by `python -m course_utils.grade` from a seed it keeps secret, with the generator `g`: the
+# learner's notebook never sees these inputs, so an answer cannot be fitted to the public cases.
+# `permute_labels` has none: any seeded permutation is a right answer, so there is no single output
+# to compare with; its `validate` checks the properties (counts kept, seeded, a new tensor) instead.
+def _hidden_int(g: torch.Generator, low: int, high: int) -> int:
+    """A random int in [low, high)."""
+    return int(torch.randint(low, high, (1,), generator=g))
+
+
+def _hidden_hooks(g: torch.Generator) -> list[Case]:
+    width, classes, b = _hidden_int(g, 2, 8), _hidden_int(g, 3, 8), _hidden_int(g, 2, 5)
+    h, w = _hidden_int(g, 4, 11), _hidden_int(g, 4, 11)
+    model = tiny_cnn(_hidden_int(g, 0, 10_000), width=width, classes=classes)
+    name = ("conv1", "relu1", "conv2", "relu2")[_hidden_int(g, 0, 4)]
+    x, labels = torch.randn(b, 3, h, w, generator=g), torch.randint(0, classes, (b,), generator=g)
+    return [Case(f"hidden: a random small CNN, its layer {name}", (model, getattr(model, name), x, labels))]
+
+
+def _hidden_weights(g: torch.Generator) -> list[Case]:
+    b, k, h, w = (_hidden_int(g, 1, 6) for _ in range(4))
+    scale = 0.1 + float(torch.rand(1, generator=g))
+    return [Case("hidden: random gradients", (torch.randn(b, k, h, w, generator=g) * scale,))]
+
+
+def _hidden_map(g: torch.Generator) -> list[Case]:
+    b, k, h, w = _hidden_int(g, 2, 5), _hidden_int(g, 1, 7), _hidden_int(g, 2, 8), _hidden_int(g, 2, 8)
+    size = (h * _hidden_int(g, 2, 5), w * _hidden_int(g, 2, 5) + _hidden_int(g, 0, 3))  # upsampled
+    flat_b, flat_k = _hidden_int(g, 1, 4), _hidden_int(g, 1, 5)
+    return [
+        Case("hidden: random activations and weights",
+             (torch.randn(b, k, h, w, generator=g), torch.randn(b, k, generator=g), size)),
+        Case("hidden: every weighted sum negative (a flat map)",
+             (torch.rand(flat_b, flat_k, h, w, generator=g), -torch.rand(flat_b, flat_k, generator=g) - 0.1, size)),
+        Case("hidden: every weighted sum positive",
+             (torch.rand(b, k, h, w, generator=g) + 0.5, torch.rand(b, k, generator=g) + 0.1, size)),
+    ]
+
+
+def _hidden_box(g: torch.Generator) -> list[Case]:
+    b, h = _hidden_int(g, 3, 6), _hidden_int(g, 3, 13)
+    w = h + _hidden_int(g, 1, 6)  # not square, so that rows and columns cannot be swapped unnoticed
+    x0, y0 = _hidden_int(g, 0, w - 1), _hidden_int(g, 0, h - 1)
+    box = (x0, y0, _hidden_int(g, x0 + 1, w + 1), _hidden_int(g, y0 + 1, h + 1))
+    maps = torch.rand(b, h, w, generator=g)
+    maps[_hidden_int(g, 0, b)] = 0.0  # one all-zero map in the batch
+    return [Case("hidden: random maps (one all zero) and a random box", (maps, box))]
+
+
+def _hidden_spearman(g: torch.Generator) -> list[Case]:
+    b, n = _hidden_int(g, 2, 5), _hidden_int(g, 8, 60)
+    a = torch.randn(b, n, generator=g)
+    ties_a = torch.randint(0, 4, (b, n), generator=g).float()
+    ties_a[:, :2] = torch.tensor([0.0, 3.0])  # no constant row (its correlation would be NaN)
+    ties_b = (ties_a + torch.randint(0, 3, (b, n), generator=g)).clamp(max=3)
+    return [
+        Case("hidden: random noisy maps", (a, a + torch.rand(1, generator=g) * 2 * torch.randn(b, n, generator=g))),
+        Case("hidden: maps with many ties", (ties_a, ties_b)),
+    ]
+
+
+def _hidden_delete(g: torch.Generator) -> list[Case]:
+    b, c, h = _hidden_int(g, 2, 5), _hidden_int(g, 2, 4), _hidden_int(g, 2, 7)
+    w = h + _hidden_int(g, 1, 4)  # not square, so that H and W cannot be swapped unnoticed
+    k = _hidden_int(g, 1, h * w)
+    baseline = round((0.2 + float(torch.rand(1, generator=g))) * (1 - 2 * _hidden_int(g, 0, 2)), 3)  # never 0
+    return [Case(f"hidden: delete {k} of {h}x{w} pixels, baseline {baseline}",
+                 (torch.randn(b, c, h, w, generator=g), torch.rand(b, h, w, generator=g), k, baseline))]
+
+
+HIDDEN_CASES = {
+    "gradcam.activations_and_gradients": _hidden_hooks,
+    "gradcam.channel_weights": _hidden_weights,
+    "gradcam.cam_map": _hidden_map,
+    "gradcam.box_mass": _hidden_box,
+    "gradcam.spearman": _hidden_spearman,
+    "gradcam.delete_most_salient": _hidden_delete,
+}

@@ -57,8 +57,9 @@ def _no_hooks_left(answer, **_: object) -> str | None:
                  'Entry 0 is the embedding (positions included: embed_fn); hook every block and keep '
                  'block_output(output); stack the L+1 tensors on a new first axis; remove the hooks.'),
           validate=_no_hooks_left,
-          hint="parts = lm_parts(model). Entry 0 is parts.embed_fn(ids); then hook every block in parts.blocks "
-               "and keep block_output(output) of each; torch.stack the L+1 tensors; remove the hooks.")
+          hint="h_0 = the embedding of the ids (positions included, what enters block 0); h_ℓ = the hidden "
+               "states that block ℓ outputs, ℓ = 1..L; stacked: ids [B, T] -> [L+1, B, T, d], with no hooks left"
+               " on the model.")
 def residual_stream(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """ids: [B, T] -> [L+1, B, T, d]: the embedding, then the output of every block."""
     return L.residual_stream(model, ids)
@@ -140,8 +141,8 @@ def _decode_cases() -> list[Case]:
                  'RMSNorm each vector over its own last axis (eps inside the square root), multiply '
                  'by gamma, then project with the unembedding matrix (mind its orientation).'),
           cases=_decode_cases, rtol=1e-4, atol=1e-4,
-          hint="For each vector h (the last axis): h / sqrt(mean(h**2) + eps) * gamma, then @ W_U.T. Use "
-               "keepdim=True so the scale broadcasts, and compute it from every layer's own h.")
+          hint="logits_ℓ = (γ ⊙ h_ℓ / √(mean_i h_ℓ,i² + ε)) · W_Uᵀ: [L+1, T, d] -> [L+1, T, V], each vector "
+               "normalised by its own root mean square (W_U is [V, d]).")
 def logit_lens(residuals: torch.Tensor, gamma: torch.Tensor, W_U: torch.Tensor, eps: float) -> torch.Tensor:
     """residuals: [L+1, T, d], gamma: [d], W_U: [V, d] -> logits [L+1, T, V]."""
     return L.rms_norm_decode(residuals, gamma, W_U, eps)
@@ -218,8 +219,8 @@ def _top_cases() -> list[Case]:
                  'pick the most likely tokens.',
                  'softmax over the last (vocabulary) axis, then topk along that axis; return '
                  '(probabilities, ids), largest first.'),
-          hint="probs = logits.softmax(dim=-1) (over the vocabulary), then probs.topk(k, dim=-1) gives "
-               "(values, indices), largest first: return them as (probs, ids).")
+          hint="p = softmax(logits) over V; return the k largest p and their token ids along V, in decreasing "
+               "order: [..., V] -> ([..., k], [..., k]).")
 def top_tokens(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [..., V] -> (probs [..., k], ids [..., k]), most likely first."""
     probs, ids = logits.softmax(-1).topk(k, -1)
@@ -275,8 +276,8 @@ def _kl_cases() -> list[Case]:
                  'Work with log-softmax over the vocabulary; KL(p_L || p_l) weights the log-ratio by '
                  "the FINAL layer's probabilities; sum over the vocabulary, then average over "
                  'positions.'),
-          hint="logp = logits.log_softmax(-1); p_L = logp[-1].exp(); KL_l = sum over the vocabulary of "
-               "p_L * (logp[-1] - logp[l]); then the mean over positions: [L+1].")
+          hint="KL_ℓ = (1/T) Σ_t Σ_v p_L[t, v] (log p_L[t, v] − log p_ℓ[t, v]), with p = softmax over V: [L+1, "
+               "T, V] -> [L+1], and KL_L = 0.")
 def kl_to_final(logits: torch.Tensor) -> torch.Tensor:
     """logits: [L+1, T, V] -> [L+1]: KL(p_L || p_l), averaged over the T positions."""
     return L.kl_to_final(logits).mean(-1)
@@ -350,8 +351,8 @@ def _rank_cases() -> list[Case]:
           hints=('The rank is a count: how many tokens beat the answer at that layer?',
                  "Compare every logit of a layer with that layer's own logit of the target, count the"
                  ' strictly larger ones, and return int64 counts.'),
-          hint="Take the target's own logit, logits[:, target:target+1] (keep the axis), and count the tokens "
-               "strictly above it: (logits > own).sum(-1). Rank 0 means top-1.")
+          hint="rank_ℓ = #{v : logits[ℓ, v] > logits[ℓ, target]}: [L+1, V] -> [L+1] integers (int64), 0 when the"
+               " target is top-1; ties do not count.")
 def answer_rank(logits: torch.Tensor, target: int) -> torch.Tensor:
     """logits: [L+1, V], target: a token id -> [L+1] int64: how many tokens score higher (0 = top-1)."""
     return L.target_rank(logits, target)
@@ -406,8 +407,8 @@ def _ce_cases() -> list[Case]:
                  'before scoring.',
                  'Use log-softmax over the vocabulary at positions 0..T-2, pick the log-probability '
                  'of ids[1:], negate, and average over positions: one number per layer.'),
-          hint="Position t predicts token t+1: logp = logits[:, :-1].log_softmax(-1); pick logp at ids[1:] "
-               "(gather on the last axis); minus the mean over positions: [L+1].")
+          hint="CE_ℓ = −(1/(T−1)) Σ_{t=0}^{T−2} log softmax(logits[ℓ, t])[ids[t+1]]: [L+1, T, V] and [T] -> "
+               "[L+1].")
 def cross_entropy(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """logits: [L+1, T, V], ids: [T] -> [L+1]: mean over t < T-1 of -log p_l(ids[t+1] | position t)."""
     return L.cross_entropy_per_layer(logits, ids)
@@ -476,9 +477,8 @@ def _kurtosis_cases() -> list[Case]:
                  'Centre each vector on its own mean over the last axis; use population moments '
                  '(divide by d); subtract the Gaussian value 3.'),
           cases=_kurtosis_cases, rtol=1e-3, atol=1e-3,
-          hint="Over the LAST axis (the d coordinates of one vector): c = h - h.mean(-1, keepdim=True), "
-               "m2 = (c**2).mean(-1), m4 = (c**4).mean(-1), and return m4 / m2**2 - 3 (population moments: "
-               "divide by d, not d-1).")
+          hint="κ = m₄ / m₂² − 3 with m_j = (1/d) Σ_i (h_i − h̄)^j over the d coordinates of each vector: [..., "
+               "d] -> [...].")
 def excess_kurtosis(residuals: torch.Tensor) -> torch.Tensor:
     """residuals: [..., d] -> [...]: E[(h - mean)^4] / Var^2 - 3 over each vector's d coordinates."""
     return L.excess_kurtosis(residuals)
@@ -542,8 +542,8 @@ def _translate_cases() -> list[Case]:
                  'unchanged.',
                  'Add to h an affine function of h: the matrix acts on each vector of the last axis '
                  '(row vectors, so mind the transpose), plus the bias.'),
-          hint="h + h @ weight.T + bias: the translator is a residual correction, so that weight = 0 and "
-               "bias = 0 leave h unchanged (the tuned lens starts as the logit lens).")
+          hint="T(h) = h + W h + b for each vector h ∈ ℝ^d (W [d, d], b [d]): [..., d] -> [..., d], so that W = "
+               "0, b = 0 gives T(h) = h.")
 def translate(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """h: [..., d], weight A: [d, d], bias b: [d] -> h + A h + b, [..., d]."""
     return L.translate(h, weight, bias)
@@ -610,8 +610,8 @@ def _induction_cases() -> list[Case]:
                  'FOLLOWED its first copy.',
                  'Only queries in the second half; for query t the key is t - half + 1; average those'
                  ' attention weights.'),
-          hint="For the queries t = half, ..., 2*half-1 (the second copy) take pattern[..., t, t - half + 1], "
-               "the token AFTER the first occurrence, and average over those queries.")
+          hint="score = (1/half) Σ_{t=half}^{2·half−1} pattern[..., t, t − half + 1]: the attention from each "
+               "query of the repeated half to the token after its first copy; [..., 2·half, 2·half] -> [...].")
 def induction_score(pattern: torch.Tensor, half: int) -> torch.Tensor:
     """pattern: [..., T, T] (query rows, key columns), T = 2*half -> [...]: the mean induction attention."""
     return L.induction_score(pattern, half)
@@ -652,3 +652,102 @@ def _induction_sum(pattern, half):
     T = pattern.shape[-1]
     q = torch.arange(half, T)
     return pattern[..., q, q - half + 1].sum(-1)
+
+
+# --- hidden cases (the grader's only) -----------------------------------------------------------
+# Drawn by `python -m course_utils.grade` from a seed it keeps secret, with the generator `g`: the
+# learner's notebook never sees these inputs, so an answer cannot be fitted to the public cases.
+def _hidden_int(g: torch.Generator, low: int, high: int) -> int:
+    """A random int in [low, high)."""
+    return int(torch.randint(low, high, (1,), generator=g))
+
+
+def _hidden_lead(g: torch.Generator) -> tuple[int, ...]:
+    """Random leading dimensions: one or two axes of 1 to 4."""
+    return tuple(_hidden_int(g, 1, 5) for _ in range(_hidden_int(g, 1, 3)))
+
+
+def _hidden_stream(g: torch.Generator) -> list[Case]:
+    cases = []
+    for family in ("llama", "gpt2"):  # GPT-2 for its position embeddings, Llama for its rotary ones
+        layers, d, vocab = _hidden_int(g, 1, 4), 8 * _hidden_int(g, 2, 5), _hidden_int(g, 20, 120)
+        model = tiny_lm(family, n_layers=layers, d_model=d, vocab=vocab, seed=_hidden_int(g, 0, 10_000))
+        ids = torch.randint(0, vocab, (_hidden_int(g, 1, 4), _hidden_int(g, 2, 9)), generator=g)
+        cases.append(Case(f"hidden: a random tiny {family}, {layers} block(s), d={d}", (model, ids)))
+    return cases
+
+
+def _hidden_decode(g: torch.Generator) -> list[Case]:
+    layers, T, d, V = _hidden_int(g, 2, 6), _hidden_int(g, 1, 5), _hidden_int(g, 4, 24), _hidden_int(g, 5, 30)
+    scales = 10 ** (torch.rand(layers, generator=g) * 7 - 3.5)  # from ~3e-4 (eps matters) to ~3e3
+    scales[_hidden_int(g, 0, layers)] = 1e-4
+    res = torch.randn(layers, T, d, generator=g) * scales[:, None, None]
+    gamma = 0.5 + torch.rand(d, generator=g)
+    W_U = torch.randn(V, d, generator=g) / d**0.5
+    eps = float(10 ** -(5 + torch.rand(1, generator=g)))
+    return [Case("hidden: random residuals of very different scales", (res, gamma, W_U, eps))]
+
+
+def _hidden_top(g: torch.Generator) -> list[Case]:
+    V = _hidden_int(g, 5, 40)
+    shape = (*_hidden_lead(g), _hidden_int(g, 1, 5), V)
+    scale = 0.5 + 4 * float(torch.rand(1, generator=g))
+    return [Case("hidden: random logits", (scale * torch.randn(shape, generator=g), _hidden_int(g, 1, min(V, 7))))]
+
+
+def _hidden_kl(g: torch.Generator) -> list[Case]:
+    shape = (_hidden_int(g, 2, 6), _hidden_int(g, 2, 7), _hidden_int(g, 4, 40))
+    scale = 0.5 + 4 * float(torch.rand(1, generator=g))
+    return [Case("hidden: random logits", (scale * torch.randn(shape, generator=g),)),
+            Case("hidden: extreme logits (probabilities underflow)", (300 * torch.randn(shape, generator=g),))]
+
+
+def _hidden_rank(g: torch.Generator) -> list[Case]:
+    layers, V = _hidden_int(g, 2, 7), _hidden_int(g, 5, 60)
+    return [Case("hidden: random logits", (torch.randn(layers, V, generator=g), _hidden_int(g, 0, V))),
+            Case("hidden: tied logits", ((2 * torch.randn(layers, V, generator=g)).round(), _hidden_int(g, 0, V)))]
+
+
+def _hidden_ce(g: torch.Generator) -> list[Case]:
+    layers, T, V = _hidden_int(g, 1, 6), _hidden_int(g, 2, 12), _hidden_int(g, 4, 40)
+    scale = 0.5 + 4 * float(torch.rand(1, generator=g))
+    return [Case("hidden: random logits and tokens", (scale * torch.randn(layers, T, V, generator=g),
+                                                     torch.randint(0, V, (T,), generator=g)))]
+
+
+def _hidden_kurtosis(g: torch.Generator) -> list[Case]:
+    shape, d = _hidden_lead(g), _hidden_int(g, 8, 40)
+    massive = torch.randn(*shape, d, generator=g) + 0.5
+    massive[..., _hidden_int(g, 0, d)] = 20.0 + 60 * float(torch.rand(1, generator=g))
+    chi2 = torch.randn(*shape, d, 3, generator=g).pow(2).sum(-1)
+    student = torch.randn(*shape, d, generator=g) / (chi2 / 3).sqrt() + float(torch.randn(1, generator=g))
+    return [Case("hidden: a massive coordinate", (massive,)),
+            Case("hidden: heavy-tailed coordinates with a random mean", (student,))]
+
+
+def _hidden_translate(g: torch.Generator) -> list[Case]:
+    d = _hidden_int(g, 2, 12)
+    return [Case("hidden: a random translator", (torch.randn(*_hidden_lead(g), d, generator=g),
+                                                 torch.randn(d, d, generator=g) / 3, torch.randn(d, generator=g)))]
+
+
+def _hidden_induction(g: torch.Generator) -> list[Case]:
+    half = _hidden_int(g, 3, 8)  # from 3: with 2, key t - 1 is also t - half + 1
+    T = 2 * half
+    scores = torch.randn(*_hidden_lead(g), T, T, generator=g) * 2
+    pattern = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf")).softmax(-1)
+    return [Case(f"hidden: random causal patterns, {half} tokens repeated", (pattern, half)),
+            Case(f"hidden: a perfect induction head, {half} tokens repeated", (_perfect_induction(half), half))]
+
+
+HIDDEN_CASES = {
+    "lens.residual_stream": _hidden_stream,
+    "lens.logit_lens": _hidden_decode,
+    "lens.top_tokens": _hidden_top,
+    "lens.kl_to_final": _hidden_kl,
+    "lens.answer_rank": _hidden_rank,
+    "lens.cross_entropy": _hidden_ce,
+    "lens.excess_kurtosis": _hidden_kurtosis,
+    "lens.translate": _hidden_translate,
+    "lens.induction_score": _hidden_induction,
+}

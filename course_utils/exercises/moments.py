@@ -67,8 +67,8 @@ def _moment_cases() -> list[Case]:
                  'Per class keep the count, the sum of x and the sum of outer products, in float64; '
                  'at the end form the mean and the unbiased (n_c - 1) covariance.'),
           cases=_moment_cases, compare=_strict_dtype,
-          hint="Keep, per class, the count n_c, the sum of x and the sum of outer products x x^T, in float64 "
-               "(x.double()). At the end: mu_c = sum / n_c and Sigma_c = (sum_xx - n_c mu_c mu_c^T) / (n_c - 1).")
+          hint="μ_c = (1/n_c) Σ_{i: y_i = c} x_i ∈ ℝ^d and Σ_c = (Σ_{i: y_i = c} x_i x_iᵀ − n_c μ_c μ_cᵀ) / (n_c"
+               " − 1) ∈ ℝ^{d×d}, accumulated batch by batch in float64: [C, d] and [C, d, d].")
 def class_moments(batches, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """batches: iterable of (x [b, d], y int [b]) -> (means float64 [C, d], covs float64 [C, d, d]),
     covariances unbiased (divided by n_c - 1)."""
@@ -193,7 +193,7 @@ def _shift_cases() -> list[Case]:
                  'Add the difference target mean minus source mean to every vector, then clamp to [0,'
                  ' 1].'),
           compare=_loose_dtype,
-          hint="x + mu_t - mu_s, then .clamp(0, 1) so that the result is still a valid image.")
+          hint="x' = clip_[0,1](x + μ_t − μ_s): [N, d] -> [N, d].")
 def mean_shift(x: torch.Tensor, mu_s: torch.Tensor, mu_t: torch.Tensor) -> torch.Tensor:
     """x: [N, d] in [0, 1]; mu_s, mu_t: [d] -> [N, d], x + mu_t - mu_s clamped to [0, 1]."""
     return M.mean_shift(x, mu_s, mu_t)
@@ -256,8 +256,8 @@ def _sqrt_cases() -> list[Case]:
                  'round-off), and rebuild with the same eigenvectors on both sides; it must work for '
                  'a batch.'),
           compare=_loose_dtype,
-          hint="evals, V = torch.linalg.eigh(mat); return V @ diag(sqrt(evals.clamp(min=0))) @ V^T, "
-               "written batch-friendly as (V * root[..., None, :]) @ V.transpose(-1, -2).")
+          hint="M = V diag(λ) Vᵀ (eigendecomposition) ⇒ M^{1/2} = V diag(√max(λ, 0)) Vᵀ: [..., d, d] -> [..., d,"
+               " d], symmetric.")
 def sqrtm_psd(mat: torch.Tensor) -> torch.Tensor:
     """mat: symmetric PSD [..., d, d] -> its symmetric square root [..., d, d]."""
     return M.sqrtm_psd(mat)
@@ -340,8 +340,8 @@ def _map_is_symmetric(answer, **_: object) -> str | None:
                  'the square root of that, and sandwich the result between inverse square roots of '
                  'the source.'),
           validate=_map_is_symmetric,
-          hint="With S = cov_s, T = cov_t: A = S^{-1/2} (S^{1/2} T S^{1/2})^{1/2} S^{-1/2}, every root the "
-               "symmetric one (sqrtm / inv_sqrtm).")
+          hint="A = S^{-1/2} (S^{1/2} T S^{1/2})^{1/2} S^{-1/2} with S = Σ_s, T = Σ_t and every root the "
+               "symmetric one: [d, d], [d, d] -> [d, d].")
 def monge_map(cov_s: torch.Tensor, cov_t: torch.Tensor) -> torch.Tensor:
     """cov_s, cov_t: SPD [d, d] -> A [d, d], the optimal map N(0, cov_s) -> N(0, cov_t)."""
     return M.monge_map(cov_s, cov_t)
@@ -414,8 +414,8 @@ def _edit_cases() -> list[Case]:
                  ' target.',
                  'Subtract the source mean, apply A (row vectors), add the target mean; no clamping.'),
           compare=_loose_dtype,
-          hint="Centre on the source mean, map, move to the target mean: mu_t + (x - mu_s) @ A "
-               "(A is symmetric, so A^T = A).")
+          hint="x' = μ_t + A (x − μ_s) for each vector x (rows: x' = μ_t + (x − μ_s) Aᵀ): [N, d] -> [N, d], no "
+               "clamping.")
 def gaussian_edit(x: torch.Tensor, mu_s: torch.Tensor, mu_t: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """x: [N, d]; mu_s, mu_t: [d]; A: symmetric [d, d] -> [N, d], mu_t + A (x - mu_s) for each row."""
     return M.gaussian_edit(x, mu_s, mu_t, A)
@@ -483,8 +483,8 @@ def _psnr_cases() -> list[Case]:
                  'image.',
                  "Mean squared difference over each image's channels and pixels; peak 1 for images in"
                  ' [0, 1]; 10 times the base-10 log of peak^2 / mse.'),
-          hint="Per image: mse = ((x - y) ** 2).flatten(1).mean(1); psnr = 10 * torch.log10(1 / mse) "
-               "(the peak value is 1 for images in [0, 1]).")
+          hint="PSNR_n = 10 · log₁₀(1 / MSE_n), MSE_n = the mean of (x_n − y_n)² over image n's channels and "
+               "pixels (peak 1): [N, C, H, W] ×2 -> [N].")
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x, y: images [N, 3, H, W] in [0, 1] -> [N], 10 log10(1 / mean squared difference) per image, in dB."""
     return M.psnr(x, y)

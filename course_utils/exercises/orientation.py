@@ -25,8 +25,8 @@ def _flatten_cases() -> list[Case]:
                  'Keep b as it is and merge c, h and w into one axis, channel first: the order inside'
                  ' the merged group is the order the entries are read.'),
           cases=_flatten_cases,
-          hint="Use rearrange(images, 'b c h w -> b (c h w)'): the grouping (c h w) keeps channel-major order, "
-               "as .reshape(b, -1) does.")
+          hint="out[b, i] = images[b, c, y, x] with i = (c·H + y)·W + x: shape [B, C·H·W], the channel index "
+               "varying slowest and the column fastest (the order of a row-major memory layout).")
 def flatten_images(images: torch.Tensor) -> torch.Tensor:
     """images: [b, c, h, w] -> [b, c*h*w], channel-major (the order `.reshape(b, -1)` gives)."""
     return rearrange(images, "b c h w -> b (c h w)")
@@ -77,7 +77,8 @@ def _channel_cases() -> list[Case]:
                  ' batch included.',
                  "One mean per channel over b, h and w together: reduce with 'mean' to the pattern "
                  'that keeps only c.'),
-          hint="reduce(images, 'b c h w -> c', 'mean') averages over every axis that the output pattern drops.")
+          hint="mean_c = (1 / (B·H·W)) Σ_{b, y, x} images[b, c, y, x]: shape [C], one average per channel over "
+               "the batch and both image axes.")
 def channel_means(images: torch.Tensor) -> torch.Tensor:
     """images: [b, c, h, w] -> [c], the mean of each channel over the batch and all pixels."""
     return reduce(images, "b c h w -> c", "mean")
@@ -128,8 +129,8 @@ def _grid_cases() -> list[Case]:
                  'image axis it tiles.',
                  'Split b into (rows, cols), row index first; put the row index just before h and the'
                  ' column index just before w, channels first.'),
-          hint="Split the batch into (rows cols) and put each next to its image axis: "
-               "'(gh gw) c h w -> c (gh h) (gw w)' with gh=rows.")
+          hint="With b = r·cols + s (row r, column s of the grid): out[ch, r·H + y, s·W + x] = images[b, ch, y, "
+               "x]; shape [C, rows·H, cols·W].")
 def image_grid(images: torch.Tensor, rows: int) -> torch.Tensor:
     """images: [rows*cols, c, h, w] -> [c, rows*h, cols*w], filled row by row."""
     return rearrange(images, "(gh gw) c h w -> c (gh h) (gw w)", gh=rows)
@@ -182,7 +183,8 @@ def _score_cases() -> list[Case]:
                  'then scaled.',
                  'Contract the shared feature axis d, keep b, the query axis and the key axis in that'
                  ' order, and divide by the square root of d.'),
-          hint="einsum('b q d, b k d -> b q k', q, k) / d ** 0.5: contract the shared d, keep b, q and k.")
+          hint="scores[b, i, j] = (Σ_d q[b, i, d] · k[b, j, d]) / √D: shape [B, N_q, N_k], from q [B, N_q, D] "
+               "and k [B, N_k, D].")
 def attention_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """q: [b, n_q, d], k: [b, n_k, d] -> [b, n_q, n_k], each dot product divided by sqrt(d)."""
     from einops import einsum
@@ -222,9 +224,11 @@ def _scores_transposed(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 # --- 5. forward hooks -------------------------------------------------------------------------
 def tiny_cnn(seed: int = 0) -> nn.Sequential:
-    """A small CNN with named layers, for the hook exercise: input [b, 3, 8, 8] -> logits [b, 4]."""
-    torch.manual_seed(seed)
-    return _named_cnn()
+    """A small CNN with named layers, for the hook exercise: input [b, 3, 8, 8] -> logits [b, 4].
+    Its weights depend only on `seed`; the global random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _named_cnn()
 
 
 def _named_cnn() -> nn.Sequential:
@@ -262,8 +266,9 @@ def _no_hooks_left(answer, **_: object) -> str | None:
                  "One hook per requested name, each storing the module's output (detached) under its "
                  'OWN name; run the model once; remove every handle, even on an error.'),
           cases=_hook_cases, validate=_no_hooks_left,
-          hint="For each name, register_forward_hook on dict(model.named_modules())[name] with a hook "
-               "(module, inputs, output) that stores output.detach(); run model(x); remove every handle.")
+          hint="Result: {name: output of that module for x, detached}, one entry per requested name, each with "
+               "the shape the module returns; exactly one forward pass; the model carries no hooks afterwards, "
+               "whatever happened.")
 def capture_activations(model: nn.Module, layer_names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Run `model(x)` once and return {name: that module's output, detached} for every name in `layer_names`.
 

@@ -35,8 +35,8 @@ def _precision_cases() -> list[Case]:
           hints=('Which examples does the ranking put first, and how many of those are really planted?',
                  'Take the k examples with the largest scores and count how many of them are marked as planted; '
                  'divide by k.'),
-          hint="Take the indices of the k HIGHEST scores (torch.topk(scores, k).indices), then the fraction of "
-               "them that are relevant: relevant[top].float().mean().item().")
+          hint="P@k = |top_k(scores) ∩ relevant| / k, top_k = the k indices with the largest scores: [N], [N] ->"
+               " a Python float.")
 def precision_at_k(scores: torch.Tensor, relevant: torch.Tensor, k: int) -> float:
     """scores [N], relevant bool [N], k -> the fraction of the k highest scores that are relevant."""
     return LB.precision_at_k(scores, relevant, k)
@@ -101,10 +101,10 @@ def _fgsm_cases() -> list[Case]:
                  'budget.',
                  'Get the gradient of the loss with respect to the input images, step along its sign, and keep '
                  'pixels in [0, 1].'),
-          hint="x = images.clone().requires_grad_(True); loss = F.cross_entropy(model(x), labels); "
-               "grad, = torch.autograd.grad(loss, x); return (images + eps * grad.sign()).clamp(0, 1).")
+          hint="x' = clip_[0,1](x + ε · sign(∇_x L(f(x), y))), L the mean cross-entropy at the TRUE labels, the "
+               "gradient taken at the clean images: [N, 3, H, W] -> [N, 3, H, W], detached.")
 def fgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
-    """Untargeted FGSM: images [N, 3, H, W] in [0, 1], labels [N] -> [N, 3, H, W] in [0, 1]."""
+    """Untargeted FGSM: images [N, 3, H, W] in [0, 1], labels [N] -> [N, 3, H, W] in [0, 1], detached."""
     return AT.fgsm(model, images, labels, eps)
 
 
@@ -161,9 +161,8 @@ def _mask_cases() -> list[Case]:
           hints=('Global means one threshold for all the tensors together, not one per tensor.',
                  'Rank the absolute values of every weight of every tensor at once; the smallest fraction `sparsity` '
                  'of them are pruned.'),
-          hint="Concatenate |w|.flatten() of all the tensors, find the k = round(sparsity * n) smallest "
-               "(torch.topk(flat, k, largest=False).indices), mark them False, then split the flat mask back "
-               "into the tensors' shapes.")
+          hint="n = the total number of weights; keep = False exactly at the round(s · n) entries with the "
+               "smallest |w| over all tensors together: a list of bool tensors with the weights' shapes.")
 def magnitude_masks(weights: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
     """weights (any shapes) -> bool masks of the same shapes, False at the globally smallest |w|."""
     return PR.magnitude_masks(weights, sparsity)
@@ -223,8 +222,8 @@ def _recovered_cases() -> list[Case]:
           hints=('0 means no better than the fully ablated model, 1 means as good as the clean model.',
                  'A ratio of two gaps: how far the explanation is from the ablated loss, over how far the clean loss '
                  'is from it.'),
-          hint="(ablated - loss) / (ablated - clean): 0 when the explanation is no better than ablating "
-               "everything, 1 when it is as good as the clean model.")
+          hint="recovered_k = (L_ablated − L_k) / (L_ablated − L_clean): [K] -> [K]; 0 = no better than ablating"
+               " everything, 1 = as good as the clean model.")
 def loss_recovered(loss: torch.Tensor, clean: float, ablated: float) -> torch.Tensor:
     """loss [K] of K explanations, the clean and fully ablated losses -> the fraction recovered [K]."""
     return (ablated - loss) / (ablated - clean)
@@ -274,9 +273,8 @@ def _rock_cases() -> list[Case]:
           hints=('The rock ignores the image and always predicts the same distribution over classes.',
                  'Estimate the class frequencies from the training labels, then take the cross-entropy of the test '
                  'labels under them.'),
-          hint="p = torch.bincount(train_labels, minlength=num_classes) / len(train_labels); "
-               "return -p[test_labels].log().mean().item(): the cross-entropy of predicting p for every "
-               "test example.")
+          hint="p_c = n_c(train) / N(train); rock loss = −(1/M) Σ_{j=1}^{M} ln p_{y_j} over the M test labels: a"
+               " Python float, in nats.")
 def rock_loss(train_labels: torch.Tensor, test_labels: torch.Tensor, num_classes: int) -> float:
     """The cross-entropy on test_labels of always predicting the training class frequencies."""
     return AB.rock_loss(train_labels, test_labels, num_classes)
@@ -323,15 +321,18 @@ def _auroc_cases() -> list[Case]:
     g = _gen(91)
     return [Case("integer scores with ties, 12 negatives and 7 positives",
                  (torch.randint(0, 5, (12,), generator=g).float(), torch.randint(1, 6, (7,), generator=g).float())),
-            Case("continuous scores, 40 and 25", (torch.randn(40, generator=g), torch.randn(25, generator=g) + 1))]
+            Case("continuous scores, 40 and 25", (torch.randn(40, generator=g), torch.randn(25, generator=g) + 1)),
+            # an odd number of ties (one): half a tie must count as exactly one half
+            Case("by hand: 3 negatives, 2 positives, one tie (AUROC 4.5 / 6 = 0.75)",
+                 (torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 3.0])))]
 
 
 @exercise("toolbox.auroc", title="AUROC: how well does a score separate two sets?", cases=_auroc_cases,
           hints=('The probability that a random positive scores higher than a random negative; ties count one half.',
                  'Compare every positive with every negative: count the wins, add half the ties, divide by the '
                  'number of pairs.'),
-          hint="Compare every positive with every negative: (pos[:, None] > neg[None, :]) counts 1 and "
-               "(pos[:, None] == neg[None, :]) counts 1/2; the AUROC is the mean over all n_pos * n_neg pairs.")
+          hint="AUROC = (1/(n·m)) Σ_{i, j} ( [s⁺_j > s⁻_i] + ½ [s⁺_j = s⁻_i] ): negatives [n], positives [m] -> "
+               "a Python float in [0, 1].")
 def auroc(negatives: torch.Tensor, positives: torch.Tensor) -> float:
     """negatives [n], positives [m] -> P(positive scores higher) + P(tie) / 2."""
     return AN.auroc(negatives, positives)
@@ -374,3 +375,83 @@ def _auroc_one_threshold(negatives, positives):
 def _auroc_wrong_count(negatives, positives):
     above, tie = _pairs(negatives, positives)
     return float((above.double().sum() + 0.5 * tie.double().sum()) / len(negatives) ** 2)
+
+
+# --- hidden cases (the grader's only) -----------------------------------------------------------
+# Drawn by `python -m course_utils.grade` from a seed it keeps secret, with the generator `g`: the
+# learner's notebook never sees these inputs, so an answer cannot be fitted to the public cases.
+def _hidden_int(g: torch.Generator, low: int, high: int) -> int:
+    """A random int in [low, high)."""
+    return int(torch.randint(low, high, (1,), generator=g))
+
+
+def _hidden_float(g: torch.Generator, low: float, high: float) -> float:
+    """A random float in [low, high)."""
+    return low + (high - low) * float(torch.rand(1, generator=g))
+
+
+def _hidden_precision(g: torch.Generator) -> list[Case]:
+    n = _hidden_int(g, 20, 300)
+    relevant = torch.rand(n, generator=g) < _hidden_float(g, 0.1, 0.4)
+    relevant[torch.randperm(n, generator=g)[:2]] = True  # at least one planted example
+    scores = torch.randn(n, generator=g) + _hidden_float(g, 0.5, 2.0) * relevant.float()
+    k = _hidden_int(g, 1, n // 2)
+    return [Case(f"hidden: {n} examples, {int(relevant.sum())} relevant, k={k}", (scores, relevant, k))]
+
+
+def _hidden_fgsm(g: torch.Generator) -> list[Case]:
+    h, w, width, classes, n = (_hidden_int(g, 2, 6), _hidden_int(g, 2, 6), _hidden_int(g, 3, 10),
+                               _hidden_int(g, 2, 7), _hidden_int(g, 1, 7))
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's own initialisation draws from the global RNG
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * h * w, width), nn.Tanh(), nn.Linear(width, classes))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.8)
+    x = torch.rand(n, 3, h, w, generator=g)
+    eps = round(_hidden_float(g, 0.02, 0.3), 3)
+    return [Case(f"hidden: a random classifier, {n} images of {h}x{w}, eps={eps}",
+                 (model.eval(), x, torch.randint(0, classes, (n,), generator=g), eps))]
+
+
+def _hidden_masks(g: torch.Generator) -> list[Case]:
+    shapes = [tuple(_hidden_int(g, 1, 6) for _ in range(_hidden_int(g, 1, 4))) for _ in range(_hidden_int(g, 2, 5))]
+    weights = [torch.randn(s, generator=g) * _hidden_float(g, 0.1, 3.0) for s in shapes]
+    n = sum(w.numel() for w in weights)
+    # sparsity * n has a fractional part in (0.55, 0.95): rounding and truncating give different counts
+    sparsity = (_hidden_int(g, 0, n) + _hidden_float(g, 0.55, 0.95)) / n
+    return [Case(f"hidden: {len(weights)} random layers, sparsity {sparsity:.4f}", (weights, sparsity))]
+
+
+def _hidden_recovered(g: torch.Generator) -> list[Case]:
+    clean = round(_hidden_float(g, 0.2, 2.0), 3)
+    ablated = round(clean + _hidden_float(g, 0.5, 4.0), 3)
+    loss = clean + (ablated - clean) * (torch.rand(_hidden_int(g, 1, 7), generator=g) * 1.3 - 0.1)
+    return [Case(f"hidden: clean {clean}, ablated {ablated}", (loss, clean, ablated))]
+
+
+def _hidden_rock(g: torch.Generator) -> list[Case]:
+    c = _hidden_int(g, 2, 7)
+    train_p, test_p = torch.rand(c, generator=g) + 0.1, torch.rand(c, generator=g) + 0.1
+    train = torch.cat([torch.arange(c), torch.multinomial(train_p, _hidden_int(g, 20, 300), replacement=True,
+                                                          generator=g)])  # every class seen in training
+    test = torch.multinomial(test_p, _hidden_int(g, 5, 100), replacement=True, generator=g)
+    return [Case(f"hidden: {c} classes, random frequencies", (train, test, c))]
+
+
+def _hidden_auroc(g: torch.Generator) -> list[Case]:
+    n, m = _hidden_int(g, 3, 40), _hidden_int(g, 3, 40)
+    top = _hidden_int(g, 3, 8)
+    return [Case("hidden: integer scores with ties", (torch.randint(0, top, (n,), generator=g).float(),
+                                                      torch.randint(1, top + 1, (m,), generator=g).float())),
+            Case("hidden: continuous scores", (torch.randn(n, generator=g),
+                                               torch.randn(m, generator=g) + _hidden_float(g, 0.0, 2.0)))]
+
+
+HIDDEN_CASES = {
+    "toolbox.precision_at_k": _hidden_precision,
+    "toolbox.fgsm": _hidden_fgsm,
+    "toolbox.magnitude_masks": _hidden_masks,
+    "toolbox.loss_recovered": _hidden_recovered,
+    "toolbox.rock_loss": _hidden_rock,
+    "toolbox.auroc": _hidden_auroc,
+}
