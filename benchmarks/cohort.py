@@ -5,9 +5,10 @@ of submission a grader meets.
     time python -m course_utils.grade --cohort DIR --out GRADES --jobs 2 [--answers-only]
 
 Learner i hands in, for every notebook: the solution (i % 3 == 0), the blank learner version
-(i % 3 == 1), or a broken solution (i % 3 == 2: its first exercise answers None, and a cell that
-raises sits before that exercise). The expected totals are printed, so that a timing run also shows
-the scoreboard is right: full marks, zero, and full marks minus the first exercise.
+(i % 3 == 1), or a broken solution (i % 3 == 2: its last exercise answers None, and a cell that
+raises sits before that exercise; the last, because later answers may call earlier ones, as 04's
+erasers call the learner's `cross_covariance`). The expected totals are printed, so that a timing run
+also shows the scoreboard is right: full marks, zero, and full marks minus one per notebook.
 """
 from __future__ import annotations
 
@@ -32,12 +33,13 @@ def _notebook(folder: str, prefix: str) -> Path:
 
 
 def broken(prefix: str) -> nbformat.NotebookNode:
-    """The solution of notebook `prefix` with its first exercise answering None and a crash before it."""
+    """The solution of notebook `prefix` with its last exercise answering None and a crash before it."""
     nb = nbformat.read(_notebook("solutions", prefix), as_version=4)
-    first = next(i for i, c in enumerate(nb.cells) if c.cell_type == "code" and BEGIN in c.source)
-    head = nb.cells[first].source.split(BEGIN)[0]
-    nb.cells[first].source = head + "return None\n"
-    nb.cells.insert(first, nbformat.v4.new_code_cell("raise RuntimeError('a bug left in on purpose')"))
+    last = max(i for i, c in enumerate(nb.cells)
+               if c.cell_type == "code" and BEGIN in c.source and "def " in c.source.split(BEGIN)[0])
+    head = nb.cells[last].source.split(BEGIN)[0]
+    nb.cells[last].source = head + "return None\n"
+    nb.cells.insert(last, nbformat.v4.new_code_cell("raise RuntimeError('a bug left in on purpose')"))
     return nb
 
 

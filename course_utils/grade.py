@@ -1,7 +1,7 @@
 """Grade learners' notebooks, exercise by exercise: isolated, with verdicts the notebook cannot write.
 
     python -m course_utils.grade [--json OUT] [--junit OUT] [--timeout S] [--cell-timeout S]
-                                 [--memory GIB] [--no-isolation] [--answers-only] NOTEBOOK...
+                                 [--memory GIB] [--no-isolation] [--no-precompute] [--answers-only] NOTEBOOK...
     python -m course_utils.grade --cohort DIR [--out DIR] [--jobs N] [--no-precompute] [--answers-only]
 
 Each notebook is copied to a scratch folder and run there, in a fresh kernel, inside a sandbox
@@ -59,8 +59,10 @@ DEFAULT_MEMORY_GIB = 8.0
 OUTPUT_LIMIT = 1_000_000  # bytes of output kept per cell; the rest is dropped
 READ_LIMIT = 4 << 20  # bytes of any file the notebook could write that the grader reads
 # The result-cache recipes each topic's notebook uses (`cache precompute --module`), trained once per cohort.
+# Every module of `cache.RECIPE_MODULES` belongs to one topic here (tests/test_grade.py checks it).
 RECIPES = {"gradcam": "course_utils.saliency_checks", "lens": "course_utils.lens_experiment",
-           "moments": "course_utils.moments", "erasure": "course_utils.erasure_cifar"}
+           "moments": "course_utils.moments", "erasure": "course_utils.erasure_cifar",
+           "toolbox": "course_utils.toolbox"}
 
 STATUS_MARK = {"passed": "✓", "failed": "✗", "not done": "…", "error": "!", "missing": "?",
                "not reached": "-", "timeout": "⏱"}
@@ -617,7 +619,8 @@ def precompute_for(topics: set[str | None]) -> None:
     if not modules:
         return
     argv = [sys.executable, "-m", "course_utils.cache", "precompute", "--tier", CFG.mode, "--only-modules"]
-    subprocess.run(argv + [a for m in modules for a in ("--module", m)], check=False)
+    # its progress goes to stderr: stdout is the grader's report table
+    subprocess.run(argv + [a for m in modules for a in ("--module", m)], check=False, stdout=sys.stderr)
 
 
 def _restore(originals: dict[Path, bytes]) -> list[str]:
@@ -703,7 +706,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=Path("grades"), help="with --cohort: where the scoreboard goes")
     ap.add_argument("--jobs", type=int, default=None, help="notebooks graded at once (default: the number of cores)")
     ap.add_argument("--no-precompute", action="store_true",
-                    help="with --cohort: do not fill the result cache first (each notebook then trains its own)")
+                    help="do not fill the result cache first (the sandbox cannot write it, so each notebook then "
+                         "trains its own networks, on every run)")
     ap.add_argument("--answers-only", action="store_true",
                     help="check every answer from the notebook's code without running the notebook (much faster; "
                          "the reports say the notebooks were not run)")
@@ -737,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings(timeout=args.timeout, cell_timeout=args.cell_timeout, memory=int(args.memory * (1 << 30)),
                  isolate=isolate, hide=tuple(p.resolve() for p in (args.json, args.junit) if p and p.is_dir()),
                  answers_only=args.answers_only)
+    if not (args.no_precompute or args.answers_only):
+        precompute_for({topic_of(p.name) for p in args.notebooks})
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs or os.cpu_count() or 1) as pool:
         reports = list(pool.map(lambda nb: grade_notebook(nb, settings=s), args.notebooks))
     print(format_table(reports))

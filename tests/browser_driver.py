@@ -214,7 +214,7 @@ def widget_area(page, cell: str):
     """The output area of the code cell whose source contains `cell`, once its widget has rendered."""
     code = page.locator(".jp-CodeCell").filter(has=page.locator(".jp-InputArea-editor", has_text=cell))
     assert code.count() == 1, f"{code.count()} code cells contain {cell!r}; the widget table needs one"
-    area = code.locator(".jp-OutputArea")
+    area = code.locator(".jp-Cell-outputArea")  # the cell's own, not the Output widgets nested in it
     area.locator(".jupyter-widgets").first.wait_for(timeout=120_000)
     return area
 

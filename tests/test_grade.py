@@ -237,3 +237,14 @@ def test_answers_only_cohort_checks_the_code_without_running_it(root, tmp_path):
         assert notebook["notebook_run"] is False and notebook["problem"].startswith("not run (--answers-only)")
     bob = json.loads((out / "bob.json").read_text())["notebooks"][0]["exercises"]
     assert next(e for e in bob if e["name"] == "orientation.channel_means")["status"] == "failed"
+
+
+def test_every_cached_recipe_is_precomputed_for_its_topic():
+    """The grader fills the result cache before any sandbox runs (a sandbox cannot write it): a recipe
+    module missing from `grade.RECIPES` would make its notebook retrain on every graded run."""
+    from course_utils import cache
+    from course_utils.exercises import NOTEBOOKS
+    from course_utils.grade import RECIPES
+
+    assert set(RECIPES.values()) == set(cache.RECIPE_MODULES)
+    assert set(RECIPES) <= set(NOTEBOOKS.values())
