@@ -1,4 +1,5 @@
-"""Every solution notebook once in the laptop tier, from an empty result cache.
+"""Every solution notebook once in the laptop tier, with no laptop-tier result in the cache but those of the
+notebooks it builds on (05 runs after 03, whose sweep it reuses, as in the course).
 
 The laptop tier is what `make lab` gives a learner without a GPU, and the tier whose experiments
 show each paper's claim. Each notebook states those claims with `course_utils.claims.claim`, one
@@ -60,9 +61,9 @@ def _record(name: str, seconds: float, claims: list[str]) -> None:
     out.write_text(json.dumps(data, indent=1))
 
 
-def _run_in_laptop_tier(self, tmp_path, monkeypatch):
-    copy = tmp_path / self.notebook
-    shutil.copyfile(ROOT / "solutions" / self.notebook, copy)
+def _run_in_laptop_tier(notebook: str, tmp_path, monkeypatch):
+    copy = tmp_path / notebook
+    shutil.copyfile(ROOT / "solutions" / notebook, copy)
     monkeypatch.setenv("COURSE_MODE", "laptop")
     monkeypatch.delenv("COURSE_FAST", raising=False)
     nb = nbformat.read(copy, as_version=4)
@@ -71,7 +72,7 @@ def _run_in_laptop_tier(self, tmp_path, monkeypatch):
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     seconds = time.time() - start
     claims = claim_lines(nb)
-    _record(self.notebook, seconds, [m.group(0) for m in claims])
+    _record(notebook, seconds, [m.group(0) for m in claims])
     assert not errors(nb), errors(nb)
     assert any("course tier: laptop" in json.dumps(c.get("outputs", [])) for c in nb.cells), \
         "the notebook did not print that it runs in the laptop tier (print(CFG.describe()) in its first cell)"
@@ -79,10 +80,25 @@ def _run_in_laptop_tier(self, tmp_path, monkeypatch):
     assert not false, "claims that did not hold in the laptop tier:\n" + "\n".join(false)
 
 
-# One class per notebook, so that `--dist loadscope` spreads them over the xdist workers.
+# One class per notebook, so that `--dist loadscope` spreads them over the xdist workers; except that a
+# notebook that reuses another's cached experiment (05 reuses 03's checkpoint sweep) runs after it, in the same
+# class and so on the same worker, as a learner meets them: its run then loads that sweep instead of training it
+# again at the same time on the other worker (about 400 s of the suite's time).
+AFTER = {"05_toolbox": "03_moment_editing"}
+
+
+def _runner(notebook: str):
+    def run(self, tmp_path, monkeypatch):
+        _run_in_laptop_tier(notebook, tmp_path, monkeypatch)
+    return run
+
+
 for _path in SOLUTIONS:
+    if _path.stem in AFTER:
+        continue
     _name = "TestLaptopTier_" + _path.stem
-    globals()[_name] = pytest.mark.slow(type(_name, (), {
-        "notebook": _path.name,
-        "test_runs_and_every_claim_holds": _run_in_laptop_tier,
-    }))
+    _tests = {"test_runs_and_every_claim_holds": _runner(_path.name)}
+    for _later, _first in AFTER.items():
+        if _first == _path.stem and (ROOT / "solutions" / f"{_later}.ipynb").exists():
+            _tests[f"test_then_{_later}_runs_and_every_claim_holds"] = _runner(f"{_later}.ipynb")
+    globals()[_name] = pytest.mark.slow(type(_name, (), _tests))
