@@ -466,22 +466,22 @@ NOT_RUN = ("not run (--answers-only): every answer was checked from its code; wh
            "from top to bottom was not")
 
 
-def _summarise(report: NotebookReport, found: dict[str, A.Answer], progress: list[dict[str, Any]] | None,
+def _unrun_progress(found: dict[str, A.Answer]) -> list[dict[str, Any]]:
+    """The progress lines of a notebook that was not run (--answers-only): every check cell counts as run,
+    so that its signed verdict decides, except a check that needs values only the run can give."""
+    needs_run = {"status": "error", "error": "this check needs values from the notebook's run: grade without "
+                 "--answers-only"}
+    return [{"cell": ans.check_cell, **(needs_run if ans.context else {"status": "ok"})}
+            for ans in found.values() if ans.check_cell is not None]
+
+
+def _summarise(report: NotebookReport, found: dict[str, A.Answer], progress: list[dict[str, Any]],
                verdicts: dict[str, dict[str, Any]]) -> None:
-    """Every exercise's status: a deleted check, a cheat, where the run stopped, else the signed verdict.
-    `progress` None: the notebook was not run (--answers-only), so only the verdicts count."""
-    if progress is None:
-        report.problem = NOT_RUN
-        progress = [{"cell": ans.check_cell, "status": "ok"} for ans in found.values()
-                    if ans.check_cell is not None and not ans.context]
-        progress += [{"cell": ans.check_cell, "status": "error", "error": "this check needs values from the "
-                      "notebook's run: grade without --answers-only"} for ans in found.values()
-                     if ans.check_cell is not None and ans.context]
+    """Every exercise's status: a deleted check, a cheat, where the run stopped, else the signed verdict."""
     cells = {int(p["cell"]): p for p in progress if isinstance(p.get("cell"), int)}
     started = [p["start"] for p in progress if "start" in p]
     stops = [p["stop"] for p in progress if "stop" in p]
-    stop = stops[-1] if stops else (None if report.problem == NOT_RUN
-                                     else "the grader stopped the notebook at its time limit")
+    stop = stops[-1] if stops else ("the grader stopped the notebook at its time limit" if report.ran else None)
     truncated = [i for i, c in cells.items() if c.get("truncated")]
     if truncated:
         report.problem = f"output of cell(s) {truncated[:10]} was over {OUTPUT_LIMIT // 1_000_000} MB and was cut"
@@ -529,7 +529,7 @@ def grade_notebook(path: str | Path, *, timeout: float = DEFAULT_TIMEOUT, cell_t
             work = Path(tmp)
             os.chmod(work, 0o711)
             if s.answers_only:
-                report.ran, progress = False, None
+                report.ran, report.problem, progress = False, NOT_RUN, _unrun_progress(found)
                 verdicts, report.isolated = _run_checks(found, work, s)
             else:
                 captures = _captures(found, work / "run" / "values")
