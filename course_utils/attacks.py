@@ -85,7 +85,7 @@ def eps_for_psnr(psnr_db: float) -> float:
 
 
 def attack_checkpoints(result: TrainResult, images: torch.Tensor, targets: torch.Tensor, *, eps: float,
-                       steps: int = 10, batch_size: int = 250, progress: bool = True) -> dict:
+                       steps: int = 10, batch_size: int = 100, progress: bool = True) -> dict:
     """Targeted PGD (`targets` `[M]`) against every checkpoint of `result`, through the result cache.
 
     Returns a dict: `steps` (the checkpoints' steps, list), `fooled` float `[K]` (the fraction of the
@@ -96,7 +96,7 @@ def attack_checkpoints(result: TrainResult, images: torch.Tensor, targets: torch
         raise ValueError("the training run kept no checkpoints: train with checkpoints='log'")
     net = dict(num_classes=result.config["num_classes"], widths=tuple(result.config["width"]),
                bn_momentum=result.config["bn_momentum"])
-    return cached("pgd_checkpoints", _attack_states, version=1,
+    return cached("pgd_checkpoints", _attack_states, version=2,
                   args=dict(states=[c.state_dict for c in result.checkpoints], steps_list=result.steps_list(),
                             net=net, images=images, targets=targets, eps=float(eps), steps=int(steps)),
                   options=dict(batch_size=batch_size, progress=progress))
@@ -104,12 +104,13 @@ def attack_checkpoints(result: TrainResult, images: torch.Tensor, targets: torch
 
 def _attack_states(states: list[dict], steps_list: list[int], net: dict, images: torch.Tensor,
                    targets: torch.Tensor, *, eps: float, steps: int, batch_size: int, progress: bool) -> dict:
-    x0 = as_float_images(images).cpu()
+    x0 = as_float_images(images).cpu().contiguous(memory_format=torch.channels_last)
     fooled, quality, adv = [], [], x0
     for state in tqdm(states, desc="PGD against each checkpoint", disable=not progress):
         model = CifarNet(**net)
         model.load_state_dict(state)
-        model.eval()
+        # channels_last: about 1.3x faster on a CPU; no weight gradients: only the images' are needed
+        model = model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         adv = torch.cat([pgd(model, x0[i:i + batch_size], targets[i:i + batch_size], eps, steps=steps,
                              targeted=True) for i in range(0, len(x0), batch_size)])
         with torch.inference_mode():
@@ -117,4 +118,5 @@ def _attack_states(states: list[dict], steps_list: list[int], net: dict, images:
         fooled.append((pred == targets.cpu()).double().mean())
         mse = ((adv - x0) ** 2).flatten(1).mean(1).double()
         quality.append((10 * torch.log10(1 / mse)).mean())
-    return dict(steps=list(steps_list), fooled=torch.stack(fooled), psnr=torch.stack(quality), adversarial=adv)
+    return dict(steps=list(steps_list), fooled=torch.stack(fooled), psnr=torch.stack(quality),
+                adversarial=adv.contiguous())

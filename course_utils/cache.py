@@ -48,7 +48,9 @@ Command line:
 
 `precompute` imports the recipe modules (`RECIPE_MODULES`, plus any `--module`), and runs every
 function registered with `@precompute_recipe(name)`, in order, in the requested tier (in a child
-process with `COURSE_MODE`/`COURSE_FAST` set when it differs from the current one).
+process with `COURSE_MODE`/`COURSE_FAST` set when it differs from the current one). With
+`--only-modules`, only the recipes the `--module` modules define themselves run (notebook 05's
+module imports notebook 03's, whose recipe then stays out).
 """
 from __future__ import annotations
 
@@ -703,11 +705,14 @@ def _tier_env(tier: str) -> dict[str, str]:
     return env
 
 
-def _run_recipes(modules: list[str]) -> int:
-    """Import `modules`, run every registered recipe in order; returns the number that failed."""
+def _run_recipes(modules: list[str], *, only: bool = False) -> int:
+    """Import `modules`, run every registered recipe in order (with `only`, just those that
+    `modules` themselves define, not those of the modules they import); returns the number that failed."""
     for module in modules:
         importlib.import_module(module)
     todo, failed = recipes(), 0
+    if only:
+        todo = [r for r in todo if r.function.__module__ in modules]
     print(f"precompute: {len(todo)} recipe(s) for tier {current_tier()} into {results_dir()}")
     for i, recipe in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {recipe.name} ...", flush=True)
@@ -731,7 +736,7 @@ def precompute(tier: str, modules: list[str] | None = None, *, course: bool = Tr
         raise ValueError(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
     wanted = [*(RECIPE_MODULES if course else ()), *(modules or [])]
     if tier == current_tier():
-        return _run_recipes(wanted)
+        return _run_recipes(wanted, only=not course)
     argv = [sys.executable, "-m", "course_utils.cache", "precompute", "--tier", tier]
     argv += [a for m in (modules or []) for a in ("--module", m)] + ([] if course else ["--only-modules"])
     done = subprocess.run(argv, env=_tier_env(tier), check=False)

@@ -550,7 +550,10 @@ def edit_sweep(result: TrainResult, sets: dict[str, tuple[torch.Tensor, torch.Te
                progress: bool = True) -> EditSweep:
     """Show the same image sets (`edit_sets`) to every checkpoint of `result` (a
     `train.TrainResult`), through the result cache. `sets`: name -> `(images [M, 3, 32, 32], hit
-    classes [M])`. Returns an `EditSweep` of every checkpoint's predicted class for every image."""
+    classes [M])`. Returns an `EditSweep` of every checkpoint's predicted class for every image.
+
+    Each set is its own cache entry, keyed by the checkpoints and that set's images: a later
+    sweep of some of the sets (notebook 05 needs only the OT edits) loads them from notebook 03's."""
     if not result.checkpoints:
         raise ValueError("the training run kept no checkpoints: train with checkpoints='log'")
     bad = [k for k, (x, y) in sets.items() if x.ndim != 4 or len(x) != len(y)]
@@ -558,23 +561,24 @@ def edit_sweep(result: TrainResult, sets: dict[str, tuple[torch.Tensor, torch.Te
         raise ValueError(f"each set must be (images [M, 3, H, W], labels [M]); not so for {bad}")
     net = dict(num_classes=result.config["num_classes"], widths=tuple(result.config["width"]),
                bn_momentum=result.config["bn_momentum"])
-    return cached("moment_edit_sweep", _sweep, version=1,
-                  args=dict(states=[c.state_dict for c in result.checkpoints], steps=result.steps_list(),
-                            net=net, sets=dict(sets)),
-                  options=dict(batch_size=batch_size, progress=progress))
+    states = [c.state_dict for c in result.checkpoints]
+    predictions = {name: cached("moment_edit_sweep", _sweep_set, version=2,
+                                args=dict(states=states, net=net, images=x),
+                                options=dict(batch_size=batch_size, progress=progress, desc=f"checkpoints ({name})"))
+                   for name, (x, _) in sets.items()}
+    return EditSweep(result.steps_list(), predictions, {k: y.long().cpu() for k, (_, y) in sets.items()})
 
 
-def _sweep(states: list[dict[str, torch.Tensor]], steps: list[int], net: dict, sets: dict, *,
-           batch_size: int, progress: bool) -> EditSweep:
-    preds: dict[str, list[torch.Tensor]] = {name: [] for name in sets}
-    for state in tqdm(states, desc="checkpoints × edited sets", disable=not progress):
+def _sweep_set(states: list[dict[str, torch.Tensor]], net: dict, images: torch.Tensor, *,
+               batch_size: int, progress: bool, desc: str) -> torch.Tensor:
+    """Each checkpoint's predicted class of each of `images` `[M, 3, H, W]` -> int64 `[K, M]`."""
+    preds = []
+    for state in tqdm(states, desc=desc, disable=not progress):
         model = CifarNet(**net)
         model.load_state_dict(state)
         model = model.eval().to(memory_format=torch.channels_last)  # about 1.5x faster on a CPU
-        for name, (x, _) in sets.items():
-            preds[name].append(_predicted_classes(model, x, batch_size))
-    return EditSweep(list(steps), {k: torch.stack(v) for k, v in preds.items()},
-                     {k: y.long().cpu() for k, (_, y) in sets.items()})
+        preds.append(_predicted_classes(model, images, batch_size))
+    return torch.stack(preds)
 
 
 @torch.inference_mode()
@@ -585,9 +589,11 @@ def _predicted_classes(model: torch.nn.Module, images: torch.Tensor, batch_size:
     return torch.cat(out)
 
 
-def run_experiment(*, progress: bool = True) -> tuple:
+def run_experiment(*, swept: Iterable[str] | None = None, progress: bool = True) -> tuple:
     """Notebook 03's whole experiment in the current tier, through the cache, with the same calls as
-    the notebook: `(setup, editor, sets, result, sweep)`. The precompute recipe runs it."""
+    the notebook: `(setup, editor, sets, result, sweep)`. The precompute recipe runs it.
+    `swept`: the names of the sets the sweep covers (default all three; notebook 05 needs only
+    `OT`, and loads it from notebook 03's sweep when that has run)."""
     seed_everything()  # as the notebook's first cell: the seed, and one thread in the ci tier (part of the key)
     setup = sweep_setup()
     train = load_cifar10("train", n=setup.n_train)
@@ -597,7 +603,12 @@ def run_experiment(*, progress: bool = True) -> tuple:
     sets = edit_sets(editor, test.images, test.labels, pairs=setup.pairs, per_class=setup.per_class)
     clean = (test.images[:setup.n_clean], test.labels[:setup.n_clean])
     result = train_classifier(train.images, train.labels, test=clean, epochs=setup.epochs, progress=progress)
-    return setup, editor, sets, result, edit_sweep(result, sets, progress=progress)
+    swept = list(sets) if swept is None else list(swept)
+    unknown = [name for name in swept if name not in sets]
+    if unknown:
+        raise ValueError(f"swept: no set named {unknown}; the sets are {list(sets)}")
+    chosen = {name: sets[name] for name in swept}
+    return setup, editor, sets, result, edit_sweep(result, chosen, progress=progress)
 
 
 @precompute_recipe("moment_editing")

@@ -72,7 +72,7 @@ def pruning_curve(model: CifarNet, images: torch.Tensor, labels: torch.Tensor, s
     `s` in `sparsities`, through the result cache (the course's `CifarNet`)."""
     net = dict(num_classes=model.num_classes, widths=tuple(model.widths))
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return cached("pruning_curve", _curve, version=1,
+    return cached("pruning_curve", _curve, version=2,
                   args=dict(state=state, net=net, images=images, labels=labels,
                             sparsities=[float(s) for s in sparsities]),
                   options=dict(progress=progress))
@@ -82,6 +82,6 @@ def _curve(state: dict, net: dict, images: torch.Tensor, labels: torch.Tensor, s
            progress: bool) -> list[float]:
     model = CifarNet(**net)
     model.load_state_dict(state)
-    model.eval()
+    model = model.eval().to(memory_format=torch.channels_last)  # about 1.5x faster on a CPU
     return [accuracy(prune_global(model, s), images, labels)
             for s in tqdm(sparsities, desc="sparsities", disable=not progress)]

@@ -414,6 +414,34 @@ def test_precompute_runs_registered_recipes_in_order(store: Path, capsys: pytest
         cache.precompute("huge")
 
 
+def test_only_modules_runs_just_the_recipes_those_modules_define(store: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`precompute --only-modules --module B` runs B's recipe, not that of a module A that B imports
+    (notebook 05's module imports notebook 03's: grading 05 alone must not run 03's whole sweep)."""
+    (tmp_path / "recipes_a.py").write_text(textwrap.dedent("""
+        from course_utils import cache
+        RAN = []
+
+        @cache.precompute_recipe("recipe_a")
+        def _a():
+            RAN.append("a")
+    """))
+    (tmp_path / "recipes_b.py").write_text(textwrap.dedent("""
+        from course_utils import cache
+        from recipes_a import RAN
+
+        @cache.precompute_recipe("recipe_b")
+        def _b():
+            RAN.append("b")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cache.precompute(cache.current_tier(), modules=["recipes_b"], course=False) == 0
+    import recipes_a
+    assert recipes_a.RAN == ["b"]
+    assert [r.name for r in cache.recipes()] == ["recipe_a", "recipe_b"]   # both registered, one ran
+    assert cache._run_recipes(["recipes_b"]) == 0 and recipes_a.RAN == ["b", "a", "b"]   # without only: all
+
+
 def test_precompute_for_another_tier_runs_in_a_child(store: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     other = "full" if cache.current_tier() != "full" else "ci"

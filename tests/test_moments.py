@@ -265,6 +265,12 @@ def test_edit_sweep_matches_predict_at_every_checkpoint(tmp_path, monkeypatch) -
             assert torch.equal(sweep.predictions[name][k], expected), (name, step)
             assert torch.equal(again.predictions[name][k], expected)
             assert sweep.fractions()[name][k] == pytest.approx((expected == y).double().mean().item())
+    from course_utils import cache
+
+    assert len(cache.entries(name="moment_edit_sweep")) == len(sets)       # one entry per set
+    only_ot = M.edit_sweep(result, {M.OT: sets[M.OT]}, batch_size=7, progress=False)
+    assert list(only_ot.predictions) == [M.OT] and torch.equal(only_ot.predictions[M.OT], sweep.predictions[M.OT])
+    assert len(cache.entries(name="moment_edit_sweep")) == len(sets)       # loaded, not computed again
     hits = sweep.hits(M.OT)
     curve = sweep.curve(M.OT)
     assert curve.peak == max(sweep.fractions()[M.OT]) and curve.final == sweep.fractions()[M.OT][-1]
