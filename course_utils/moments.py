@@ -594,6 +594,10 @@ def run_experiment(*, swept: Iterable[str] | None = None, progress: bool = True)
     the notebook: `(setup, editor, sets, result, sweep)`. The precompute recipe runs it.
     `swept`: the names of the sets the sweep covers (default all three; notebook 05 needs only
     `OT`, and loads it from notebook 03's sweep when that has run)."""
+    swept = None if swept is None else list(swept)
+    unknown = [name for name in swept or () if name not in (OT, SHIFT, SAMPLES)]
+    if unknown:  # checked before anything is trained
+        raise ValueError(f"swept: no set named {unknown}; the sets are moments.OT, moments.SHIFT, moments.SAMPLES")
     seed_everything()  # as the notebook's first cell: the seed, and one thread in the ci tier (part of the key)
     setup = sweep_setup()
     train = load_cifar10("train", n=setup.n_train)
@@ -603,11 +607,7 @@ def run_experiment(*, swept: Iterable[str] | None = None, progress: bool = True)
     sets = edit_sets(editor, test.images, test.labels, pairs=setup.pairs, per_class=setup.per_class)
     clean = (test.images[:setup.n_clean], test.labels[:setup.n_clean])
     result = train_classifier(train.images, train.labels, test=clean, epochs=setup.epochs, progress=progress)
-    swept = list(sets) if swept is None else list(swept)
-    unknown = [name for name in swept if name not in sets]
-    if unknown:
-        raise ValueError(f"swept: no set named {unknown}; the sets are {list(sets)}")
-    chosen = {name: sets[name] for name in swept}
+    chosen = sets if swept is None else {name: sets[name] for name in swept}
     return setup, editor, sets, result, edit_sweep(result, chosen, progress=progress)
 
 

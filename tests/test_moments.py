@@ -291,3 +291,10 @@ def test_fit_editor_is_cached_and_equals_the_fit(tmp_path, monkeypatch) -> None:
         assert ed.pairs == ((0, 1), (2, 0)) and ed.resolution == 4
         assert torch.allclose(ed.maps.cpu(), direct.maps.cpu()) and torch.allclose(ed.moments.covs.cpu(),
                                                                                    direct.moments.covs.cpu())
+
+
+def test_run_experiment_refuses_an_unknown_set_before_training(monkeypatch) -> None:
+    """A misspelt `swept` name is an error at once, not after minutes of training."""
+    monkeypatch.setattr(M, "load_cifar10", lambda *a, **k: pytest.fail("loaded data before checking swept"))
+    with pytest.raises(ValueError, match="no set named"):
+        M.run_experiment(swept=["OT"], progress=False)
